@@ -1,0 +1,168 @@
+"""Secrets and signatures: the delivery JWT and Standard Webhooks headers.
+
+A subscriber secret is ``whsec_`` + base64 of random bytes. Both signatures are
+keyed with the decoded bytes, so anyone holding the secret can verify with a
+stock JWT library or the ``standardwebhooks`` package and nothing of ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from common import errors
+
+SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 24
+GENERATED_SECRET_BYTES = 32
+JWT_ALGORITHM = "HS256"
+JWT_LIFETIME_SECONDS = 300
+# How far clocks of publisher and subscriber may disagree.
+CLOCK_LEEWAY_SECONDS = 60
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(GENERATED_SECRET_BYTES)).decode()
+
+
+def secret_key(secret: str, field: str = "secret") -> bytes:
+    """The raw key bytes of a ``whsec_`` secret; InvalidArgument naming ``field`` if malformed."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise errors.InvalidArgument(field, f"must start with {SECRET_PREFIX!r}")
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidArgument(field, "the part after whsec_ is not valid base64") from None
+    if len(key) < MIN_SECRET_BYTES:
+        raise errors.InvalidArgument(field, f"must encode at least {MIN_SECRET_BYTES} bytes")
+    return key
+
+
+def body_sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryClaims:
+    """What a delivery token says about the request it rides on."""
+
+    issuer: str
+    audience: str
+    event_id: str
+    event_type: str
+    attempt: int
+    body_sha256: str
+    jti: str
+
+
+def sign_delivery(
+    key: bytes,
+    *,
+    issuer: str,
+    audience: str,
+    event_id: str,
+    event_type: str,
+    attempt: int,
+    payload: bytes,
+    now: float,
+) -> str:
+    """A short-lived HS256 token that binds one attempt and its exact payload."""
+    issued = int(now)
+    claims = {
+        "iss": issuer,
+        "aud": audience,
+        "iat": issued,
+        "exp": issued + JWT_LIFETIME_SECONDS,
+        "jti": uuid.uuid4().hex,
+        "event_id": event_id,
+        "event_type": event_type,
+        "attempt": attempt,
+        "body_sha256": body_sha256(payload),
+    }
+    return jwt.encode(claims, key, algorithm=JWT_ALGORITHM)
+
+
+def verify_delivery(
+    token: str, keys: Sequence[bytes], *, audience: str | None, payload: bytes
+) -> DeliveryClaims:
+    """Checks a delivery token against any of ``keys``; Unauthenticated says why it fails.
+
+    Only HS256 is accepted (never ``none`` or an algorithm the token picks), the
+    expiry and issue time are required, the audience is checked when one is
+    configured, and the body hash must match the payload actually received.
+    """
+    options: Mapping[str, Any] = {
+        "require": ["iss", "aud", "iat", "exp", "jti", "event_id", "body_sha256"],
+        "verify_aud": audience is not None,
+    }
+    last_error: Exception | None = None
+    for key in keys:
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[JWT_ALGORITHM],
+                audience=audience,
+                options=options,  # type: ignore[arg-type]
+                leeway=CLOCK_LEEWAY_SECONDS,
+            )
+        except jwt.InvalidSignatureError as error:
+            last_error = error
+            continue
+        except jwt.PyJWTError as error:
+            raise errors.Unauthenticated(f"invalid token: {error}") from None
+        if not hmac.compare_digest(str(claims["body_sha256"]), body_sha256(payload)):
+            raise errors.Unauthenticated("invalid token: body_sha256 does not match the payload")
+        return DeliveryClaims(
+            issuer=str(claims["iss"]),
+            audience=str(claims["aud"]),
+            event_id=str(claims["event_id"]),
+            event_type=str(claims.get("event_type", "")),
+            attempt=int(claims.get("attempt", 0)),
+            body_sha256=str(claims["body_sha256"]),
+            jti=str(claims["jti"]),
+        )
+    raise errors.Unauthenticated(f"invalid token: {last_error or 'no secret configured'}")
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``authorization: Bearer <token>`` value."""
+    if not authorization:
+        raise errors.Unauthenticated("missing authorization: Bearer <token>")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthenticated("authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """One Standard Webhooks signature: ``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def standard_signatures(keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: one signature per key, space-separated."""
+    return " ".join(standard_signature(key, message_id, timestamp, body) for key in keys)
+
+
+def verify_standard(
+    keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes, header: str
+) -> None:
+    """Raises Unauthenticated unless one of the header's v1 signatures matches one of ``keys``."""
+    offered = [part.removeprefix("v1,") for part in header.split() if part.startswith("v1,")]
+    for key in keys:
+        expected = standard_signature(key, message_id, timestamp, body).removeprefix("v1,")
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return
+    raise errors.Unauthenticated("no valid webhook-signature")
