@@ -15,7 +15,7 @@ turns them into statuses so that the mapping lives only here.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -73,7 +73,14 @@ class PermissionDenied(WebhooksError):
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+# The stubs make ServerInterceptor generic; at run time it is not subscriptable.
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class ErrorInterceptor(_ServerInterceptor):
     """Answers a ``WebhooksError`` raised by a unary handler with its status code."""
 
     async def intercept_service(

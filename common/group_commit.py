@@ -1,0 +1,82 @@
+"""Group commit: many concurrent callers, one writer, many items per transaction.
+
+On this machine one SQLAlchemy transaction per item caps near 200 items/s,
+while a transaction of a hundred items costs little more than one. Callers
+submit and wait; a single task drains whatever has queued up, writes it in one
+call, and answers each caller after that call (its commit) returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_Pending = tuple[Sequence[T], "asyncio.Future[list[R]]"]
+
+
+class GroupCommit(Generic[T, R]):
+    """Feeds submitted items to ``write`` in batches of up to ``max_items``.
+
+    ``write`` gets the items of one or more submissions and returns one result
+    per item, in order. If it raises, every submission of that batch gets the
+    exception. A submission is never split across batches, so it is written
+    all-or-nothing.
+    """
+
+    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], max_items: int) -> None:
+        self._write = write
+        self._max_items = max_items
+        self._queue: asyncio.Queue[tuple[Sequence[T], asyncio.Future[list[R]]]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        if not items:
+            return []
+        future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((items, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name="group-commit")
+        return await future
+
+    async def close(self) -> None:
+        """Writes what is queued, then stops the writer."""
+        await self._queue.join()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            count = len(batch[0][0])
+            while count < self._max_items and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                count += len(batch[-1][0])
+            try:
+                await self._flush(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _flush(self, batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
+        items = [item for submitted, _ in batch for item in submitted]
+        try:
+            results = await self._write(items)
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        offset = 0
+        for submitted, future in batch:
+            # A caller that gave up (its RPC was cancelled) still had its items written.
+            if not future.done():
+                future.set_result(results[offset : offset + len(submitted)])
+            offset += len(submitted)

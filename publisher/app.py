@@ -1,0 +1,112 @@
+"""Wires the publisher together (store, transports, dispatcher, server); starts and stops it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+
+import grpc.aio
+from sqlalchemy.engine import make_url
+
+from common import db, grpc_server, log
+from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from publisher import model
+from publisher.dispatcher import Dispatcher
+from publisher.grpc_transport import GrpcTransport
+from publisher.servicer import PublisherServicer
+from publisher.settings import Settings
+from publisher.store import Store
+from publisher.transport import Transport
+
+logger = logging.getLogger("publisher")
+
+
+class AlreadyRunning(RuntimeError):
+    """Another publisher owns this SQLite database."""
+
+
+class PublisherApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._lock: db.FileLock | None = None
+        self._server: grpc.aio.Server | None = None
+        self._store: Store | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._transports: dict[model.Protocol, Transport] = {}
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        settings = self.settings
+        path = db.sqlite_path(settings.database_url)
+        if path is not None:
+            self._lock = db.FileLock(path + ".lock")
+            if not self._lock.acquire():
+                self._lock = None
+                raise AlreadyRunning(
+                    f"another publisher is using {path}: the embedded SQLite database takes one "
+                    "publisher; to run several replicas, point them all at one PostgreSQL "
+                    "database with --database-url postgresql://..."
+                )
+        store = self._store = Store(db.create_engine(settings.database_url))
+        await store.create_schema()
+        if path is not None:
+            # This process holds the file lock, so every lease left in it belongs to a dead run.
+            reclaimed = await store.reclaim_all()
+            if reclaimed:
+                log.event(logger, "stale_leases_reclaimed", count=reclaimed)
+        self._transports = {model.Protocol.GRPC: GrpcTransport(now=time.time)}
+        dispatcher = self._dispatcher = Dispatcher(
+            store,
+            self._transports,
+            owner=self.owner,
+            issuer=settings.issuer,
+            delivery_timeout=settings.delivery_timeout,
+            max_in_flight=settings.max_in_flight,
+            claim_batch=settings.claim_batch,
+        )
+        store.on_new_work = dispatcher.wake
+        server = self._server = grpc_server.create_server()
+        publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
+            PublisherServicer(store, max_payload_bytes=settings.max_payload_bytes), server
+        )
+        grpc_server.add_health_and_reflection(
+            server, [publisher_pb2.DESCRIPTOR.services_by_name["PublisherService"]]
+        )
+        self.port = grpc_server.bind(server, settings.host, settings.port)
+        await server.start()
+        dispatcher.start()
+        log.event(logger, "serving", grpc=self.address, database=_safe_url(settings.database_url))
+
+    async def stop(self) -> None:
+        """Refuses new calls, finishes those in flight, then settles or releases deliveries."""
+        log.event(logger, "stopping")
+        if self._server is not None:
+            await self._server.stop(grpc_server.GRACE_SECONDS)
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(grpc_server.GRACE_SECONDS)
+        for transport in self._transports.values():
+            await transport.close()
+        if self._store is not None:
+            await self._store.close()
+        if self._lock is not None:
+            self._lock.release()
+        log.event(logger, "stopped")
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await grpc_server.wait_for_stop_signal()
+        finally:
+            await self.stop()
+
+
+def _safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)

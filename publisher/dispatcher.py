@@ -1,0 +1,210 @@
+"""The dispatcher: claims due deliveries, sends them, and has their outcomes recorded.
+
+It sleeps until the store says there is new work (an Emit committed, an outcome
+scheduled a retry) or the earliest pending delivery comes due, so the happy
+path has no poll interval. Sends run concurrently up to ``max_in_flight``; each
+outcome goes through the pure retry policy and then back to the store, which
+writes it only if this process still holds the delivery's lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+
+from common import log, signing
+from publisher import model, retry
+from publisher import transport as tx
+from publisher.store import AttemptRecord, Store
+
+logger = logging.getLogger("publisher.dispatcher")
+
+# Even with nothing due, look again this often: another replica may have left
+# work behind, or a clock may have jumped.
+IDLE_POLL_SECONDS = 1.0
+# A lease outlives the attempt's deadline by this much before others may take it.
+LEASE_MARGIN_SECONDS = 10.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        transports: Mapping[model.Protocol, tx.Transport],
+        *,
+        owner: str,
+        issuer: str,
+        delivery_timeout: float,
+        max_in_flight: int,
+        claim_batch: int,
+        now: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._store = store
+        self._transports = transports
+        self._owner = owner
+        self._issuer = issuer
+        self._timeout = delivery_timeout
+        self._max_in_flight = max_in_flight
+        self._claim_batch = claim_batch
+        self._now = now
+        self._jitter = jitter
+        self._wakeup = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def lease_seconds(self) -> float:
+        return self._timeout + LEASE_MARGIN_SECONDS
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def stop(self, grace: float) -> None:
+        """Takes no new work, lets sends in flight finish within ``grace`` s, releases the rest."""
+        self._stopping = True
+        self.wake()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._in_flight:
+            _, late = await asyncio.wait(self._in_flight, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        released = await self._store.release(self._owner)
+        if released:
+            log.event(logger, "leases_released", count=released)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            room = self._max_in_flight - len(self._in_flight)
+            claimed = 0
+            if room > 0:
+                try:
+                    claims = await self._store.claim(
+                        self._owner, min(room, self._claim_batch), self.lease_seconds
+                    )
+                except Exception:
+                    logger.exception("claim failed")
+                    claims = []
+                claimed = len(claims)
+                for claim in claims:
+                    task = asyncio.create_task(self._deliver(claim))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._finished)
+            if claimed and claimed == min(room, self._claim_batch):
+                continue  # There may be more due right now.
+            await self._sleep(room > 0)
+
+    async def _sleep(self, can_claim: bool) -> None:
+        timeout = IDLE_POLL_SECONDS
+        if can_claim:
+            try:
+                due = await self._store.next_due_at()
+            except Exception:
+                logger.exception("next_due_at failed")
+                due = None
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - self._now()))
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        # A free slot may let the loop claim more.
+        self._wakeup.set()
+
+    async def _deliver(self, claim: model.Claim) -> None:
+        subscriber = claim.subscriber
+        attempt = tx.Attempt(
+            delivery_id=claim.delivery_id,
+            attempt=claim.attempt,
+            event_id=claim.event.id,
+            event_type=claim.event.type,
+            payload=claim.event.payload,
+            content_type=claim.event.content_type,
+            created_at=claim.event.created_at,
+            subscriber_id=subscriber.id,
+            endpoint=subscriber.spec.endpoint,
+            body_format=subscriber.spec.body_format.value,
+            keys=(signing.secret_key(subscriber.secret),),
+            issuer=self._issuer,
+            timeout=self._timeout,
+        )
+        started = self._now()
+        clock = time.monotonic()
+        try:
+            result = await self._transports[subscriber.spec.protocol].send(attempt)
+        except Exception as error:  # A transport bug must not lose the delivery.
+            logger.exception("transport raised")
+            result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
+        record = self._decide(claim, result, started, time.monotonic() - clock)
+        try:
+            await self._store.record([record])
+        except Exception:
+            # The lease runs out and the delivery comes due again: nothing is lost.
+            logger.exception("recording an outcome failed", extra={"delivery": claim.delivery_id})
+
+    def _decide(
+        self, claim: model.Claim, result: tx.Result, started: float, duration: float
+    ) -> AttemptRecord:
+        """Turns a transport result into the delivery's next state (pure but for the clock)."""
+        now = self._now()
+        error = result.error
+        if result.outcome in (tx.Outcome.DELIVERED, tx.Outcome.CONFIRMED):
+            state, next_at = model.DeliveryState.DELIVERED, now
+        else:
+            schedule = claim.subscriber.spec.retry_schedule or retry.DEFAULT_SCHEDULE
+            when = retry.next_attempt_at(
+                schedule,
+                attempts_in_round=claim.attempts_in_round,
+                round_started_at=claim.round_started_at,
+                now=now,
+                jitter=self._jitter(),
+                retry_after=result.retry_after,
+            )
+            if when is None:
+                state, next_at = model.DeliveryState.FAILED, now
+                log.event(
+                    logger,
+                    "delivery_failed",
+                    logging.WARNING,
+                    delivery_id=claim.delivery_id,
+                    event_id=claim.event.id,
+                    subscriber_id=claim.subscriber.id,
+                    attempts=claim.attempt,
+                    error=error,
+                )
+            else:
+                state, next_at = model.DeliveryState.PENDING, when
+        disable_reason = ""
+        if result.gone:
+            disable_reason = f"the endpoint answered 410 Gone at {time.ctime(now)}"
+            log.event(
+                logger, "subscriber_disabled", logging.WARNING, subscriber_id=claim.subscriber.id
+            )
+        return AttemptRecord(
+            delivery_id=claim.delivery_id,
+            attempt=claim.attempt,
+            owner=self._owner,
+            started_at=started,
+            duration=duration,
+            outcome=result.outcome.value,
+            status_code=result.status_code,
+            error=error,
+            new_state=state,
+            next_attempt_at=next_at,
+            disable_reason=disable_reason,
+            subscriber_id=claim.subscriber.id,
+        )

@@ -1,0 +1,98 @@
+"""Delivery over gRPC: one ``SubscriberService.Receive`` call per attempt, signed with a JWT.
+
+Channels are kept per endpoint and reused, since a fresh channel costs a
+connection handshake. Status codes are classified here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from common import signing
+from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
+from publisher import transport as tx
+
+# The call may have reached the subscriber: ask before retrying blindly.
+_UNCERTAIN = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# The subscriber refused on purpose. Still retried, since a misconfigured
+# partner gets fixed, but the attempt log says what to fix.
+_REJECTED = {
+    grpc.StatusCode.INVALID_ARGUMENT: "the subscriber rejected the request",
+    grpc.StatusCode.UNAUTHENTICATED: "the subscriber rejected the signature (check its secret)",
+    grpc.StatusCode.PERMISSION_DENIED: "the subscriber refused this publisher (check allowlist)",
+    grpc.StatusCode.NOT_FOUND: "the subscriber does not serve webhooks.v1.SubscriberService",
+    grpc.StatusCode.UNIMPLEMENTED: "the subscriber does not implement Receive",
+}
+
+# Reconnect quickly once a subscriber comes back; the retry schedule, not the
+# channel, decides how long to wait between attempts.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+
+class GrpcTransport:
+    def __init__(self, *, now: tx.Clock) -> None:
+        self._now = now
+        self._stubs: dict[str, subscriber_pb2_grpc.SubscriberServiceAsyncStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def _stub(self, endpoint: str) -> subscriber_pb2_grpc.SubscriberServiceAsyncStub:
+        stub = self._stubs.get(endpoint)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            stub = self._stubs[endpoint] = subscriber_pb2_grpc.SubscriberServiceStub(channel)
+        return stub
+
+    async def send(self, attempt: tx.Attempt) -> tx.Result:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(attempt.created_at * 1e9))
+        request = subscriber_pb2.ReceiveRequest(
+            event=event_pb2.Event(
+                id=attempt.event_id,
+                type=attempt.event_type,
+                payload=attempt.payload,
+                content_type=attempt.content_type,
+                created_at=created,
+            ),
+            delivery_id=attempt.delivery_id,
+            attempt=attempt.attempt,
+        )
+        token = signing.sign_delivery(
+            attempt.keys[0],
+            issuer=attempt.issuer,
+            audience=attempt.subscriber_id,
+            event_id=attempt.event_id,
+            event_type=attempt.event_type,
+            attempt=attempt.attempt,
+            payload=attempt.payload,
+            now=self._now(),
+        )
+        try:
+            await self._stub(attempt.endpoint).Receive(
+                request, timeout=attempt.timeout, metadata=(("authorization", f"Bearer {token}"),)
+            )
+        except grpc.aio.AioRpcError as error:
+            return classify(error.code(), error.details() or "")
+        return tx.Result(tx.Outcome.DELIVERED, status_code=grpc.StatusCode.OK.value[0])
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+        self._channels.clear()
+        self._stubs.clear()
+
+
+def classify(code: grpc.StatusCode, details: str) -> tx.Result:
+    """What a non-OK status means for the delivery."""
+    text = f"{code.name}: {details}"
+    if code in _REJECTED:
+        text = f"{_REJECTED[code]}: {text}"
+    outcome = tx.Outcome.UNCERTAIN if code in _UNCERTAIN else tx.Outcome.FAILED
+    return tx.Result(outcome, status_code=code.value[0], error=tx.excerpt(text))

@@ -1,0 +1,127 @@
+"""The publisher's domain records: what the store takes and returns.
+
+Plain frozen dataclasses, free of protobuf and SQL, so that the servicer, the
+store and the dispatcher agree on one vocabulary.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Protocol(enum.StrEnum):
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+class SubscriberState(enum.StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    DISABLED = "disabled"
+
+
+class BodyFormat(enum.StrEnum):
+    RAW = "raw"
+    FORM = "form"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    # Pending, but its subscriber is paused or disabled: not claimed until resumed.
+    HELD = "held"
+    DELIVERED = "delivered"
+    # Retries exhausted: the dead-letter state.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberSpec:
+    """What a caller may set on a subscriber."""
+
+    name: str
+    endpoint: str
+    protocol: Protocol
+    event_types: tuple[str, ...]
+    retry_schedule: tuple[float, ...]
+    contact_email: str
+    body_format: BodyFormat
+    status_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    id: str
+    spec: SubscriberSpec
+    secret: str
+    state: SubscriberState
+    state_reason: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    type: str
+    payload: bytes
+    content_type: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmitResult:
+    event_id: str
+    delivery_count: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: str
+    payload: bytes
+    content_type: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptLog:
+    number: int
+    started_at: float
+    duration: float
+    outcome: str
+    status_code: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: str
+    event_id: str
+    subscriber_id: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float | None
+    created_at: float
+    updated_at: float
+    last_error: str
+    log: tuple[AttemptLog, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    event_id: str = ""
+    subscriber_id: str = ""
+    state: DeliveryState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery this process holds a lease on, with everything needed to send it."""
+
+    delivery_id: str
+    attempt: int
+    attempts_in_round: int
+    round_started_at: float
+    event: Event
+    subscriber: Subscriber

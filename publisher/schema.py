@@ -1,0 +1,96 @@
+"""The publisher's tables (SQLAlchemy Core), the same on SQLite and PostgreSQL.
+
+Times are float seconds since the epoch: portable, indexable and exact enough.
+A claimed delivery's ``next_attempt_at`` is set to its lease expiry, so one
+index on due pending deliveries finds both new work and work whose owner died.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+subscribers = sa.Table(
+    "subscribers",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("endpoint", sa.String(2048), nullable=False),
+    sa.Column("protocol", sa.String(10), nullable=False),
+    # JSON lists: read and written whole, never queried into.
+    sa.Column("event_types", sa.Text, nullable=False),
+    sa.Column("retry_schedule", sa.Text, nullable=False),
+    sa.Column("contact_email", sa.String(320), nullable=False),
+    sa.Column("secret", sa.String(200), nullable=False),
+    sa.Column("body_format", sa.String(10), nullable=False),
+    sa.Column("status_url", sa.String(2048), nullable=False),
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("state_reason", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    # Insertion order, for paging through events in the order they were emitted.
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("content_type", sa.String(200), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True, unique=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("event_id", sa.String(40), sa.ForeignKey("events.id"), nullable=False),
+    sa.Column(
+        "subscriber_id",
+        sa.String(40),
+        sa.ForeignKey("subscribers.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("state", sa.String(10), nullable=False),
+    # Every claim bumps it: the attempt number and the fencing token of the lease.
+    sa.Column("attempts", sa.Integer, nullable=False),
+    # The retry schedule counts from the first attempt of a round; Redeliver starts a new round.
+    sa.Column("round_attempts", sa.Integer, nullable=False),
+    sa.Column("round_started_at", sa.Double, nullable=True),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("lease_owner", sa.String(80), nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False),
+    sa.Index(
+        "ix_deliveries_due",
+        "next_attempt_at",
+        sqlite_where=sa.text("state = 'pending'"),
+        postgresql_where=sa.text("state = 'pending'"),
+    ),
+    sa.Index("ix_deliveries_event", "event_id"),
+    sa.Index("ix_deliveries_subscriber_state", "subscriber_id", "state"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column(
+        "delivery_id",
+        sa.String(40),
+        sa.ForeignKey("deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("duration", sa.Double, nullable=False),
+    sa.Column("outcome", sa.String(10), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Index("ix_attempts_delivery", "delivery_id", "number"),
+)

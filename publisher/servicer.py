@@ -1,0 +1,268 @@
+"""PublisherService: a thin adapter from protobuf requests to the store and back.
+
+It validates (publisher.validation), calls the store, and converts the records
+it gets back into protobuf. It never sends anything: the store wakes the
+dispatcher after each commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc.aio
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from common.gen.webhooks.v1 import event_pb2, publisher_pb2, publisher_pb2_grpc
+from publisher import model, validation
+from publisher.store import Store
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Checks that an HTTP endpoint may be reached (the SSRF guard); raises InvalidArgument if not.
+UrlCheck = Callable[[str, str], Awaitable[None]]
+
+
+async def _no_check(url: str, field: str) -> None:
+    return None
+
+
+class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
+    def __init__(self, store: Store, *, max_payload_bytes: int, check_url: UrlCheck = _no_check):
+        self._store = store
+        self._max_payload = max_payload_bytes
+        self._check_url = check_url
+
+    async def RegisterSubscriber(
+        self, request: publisher_pb2.RegisterSubscriberRequest, context: Context
+    ) -> publisher_pb2.RegisterSubscriberResponse:
+        spec = validation.subscriber_spec(
+            name=request.name,
+            endpoint=request.endpoint,
+            protocol=request.protocol,
+            event_types=request.event_types,
+            retry_schedule=request.retry_schedule,
+            contact_email=request.contact_email,
+            body_format=request.body_format,
+            status_url=request.status_url,
+        )
+        secret = validation.secret(request.secret)
+        await self._check_reachable(spec)
+        subscriber = await self._store.create_subscriber(spec, secret)
+        return publisher_pb2.RegisterSubscriberResponse(
+            subscriber=_subscriber(subscriber), secret=secret
+        )
+
+    async def GetSubscriber(
+        self, request: publisher_pb2.GetSubscriberRequest, context: Context
+    ) -> publisher_pb2.GetSubscriberResponse:
+        subscriber_id = validation.required_id(request.subscriber_id, "subscriber_id")
+        subscriber = await self._store.get_subscriber(subscriber_id)
+        return publisher_pb2.GetSubscriberResponse(subscriber=_subscriber(subscriber))
+
+    async def ListSubscribers(
+        self, request: publisher_pb2.ListSubscribersRequest, context: Context
+    ) -> publisher_pb2.ListSubscribersResponse:
+        limit = validation.page_size(request.page_size)
+        found = await self._store.list_subscribers(limit, request.page_token)
+        return publisher_pb2.ListSubscribersResponse(
+            subscribers=[_subscriber(s) for s in found],
+            next_page_token=found[-1].id if len(found) == limit else "",
+        )
+
+    async def UpdateSubscriber(
+        self, request: publisher_pb2.UpdateSubscriberRequest, context: Context
+    ) -> publisher_pb2.UpdateSubscriberResponse:
+        subscriber_id = validation.required_id(request.subscriber.id, "subscriber.id")
+        paths = validation.update_paths(request.update_mask.paths)
+        current = await self._store.get_subscriber(subscriber_id)
+        given, now = request.subscriber, _subscriber(current)
+
+        def field(name: str) -> Any:
+            # From the request when the mask names it, else as it is now.
+            return getattr(given if name in paths else now, name)
+
+        spec = validation.subscriber_spec(
+            name=field("name"),
+            endpoint=field("endpoint"),
+            protocol=field("protocol"),
+            event_types=field("event_types"),
+            retry_schedule=field("retry_schedule"),
+            contact_email=field("contact_email"),
+            body_format=field("body_format"),
+            status_url=field("status_url"),
+        )
+        state, reason = current.state, current.state_reason
+        if "state" in paths:
+            state = validation.subscriber_state(given.state)
+            reason = (
+                "" if state == model.SubscriberState.ACTIVE else f"set to {state} by an operator"
+            )
+        if spec.endpoint != current.spec.endpoint or spec.status_url != current.spec.status_url:
+            await self._check_reachable(spec)
+        updated = await self._store.update_subscriber(subscriber_id, spec, state, reason)
+        return publisher_pb2.UpdateSubscriberResponse(subscriber=_subscriber(updated))
+
+    async def DeleteSubscriber(
+        self, request: publisher_pb2.DeleteSubscriberRequest, context: Context
+    ) -> publisher_pb2.DeleteSubscriberResponse:
+        subscriber_id = validation.required_id(request.subscriber_id, "subscriber_id")
+        await self._store.delete_subscriber(subscriber_id)
+        return publisher_pb2.DeleteSubscriberResponse()
+
+    async def Emit(
+        self, request: publisher_pb2.EmitRequest, context: Context
+    ) -> publisher_pb2.EmitResponse:
+        event = validation.new_event(request, self._max_payload)
+        (result,) = await self._store.emit([event])
+        return _emit_result(result)
+
+    async def EmitBatch(
+        self, request: publisher_pb2.EmitBatchRequest, context: Context
+    ) -> publisher_pb2.EmitBatchResponse:
+        batch = validation.new_events(request.events, self._max_payload)
+        results = await self._store.emit(batch)
+        return publisher_pb2.EmitBatchResponse(results=[_emit_result(r) for r in results])
+
+    async def GetEvent(
+        self, request: publisher_pb2.GetEventRequest, context: Context
+    ) -> publisher_pb2.GetEventResponse:
+        event_id = validation.required_id(request.event_id, "event_id")
+        return publisher_pb2.GetEventResponse(event=_event(await self._store.get_event(event_id)))
+
+    async def ListDeliveries(
+        self, request: publisher_pb2.ListDeliveriesRequest, context: Context
+    ) -> publisher_pb2.ListDeliveriesResponse:
+        limit = validation.page_size(request.page_size)
+        where = model.DeliveryFilter(
+            event_id=request.event_id,
+            subscriber_id=request.subscriber_id,
+            state=validation.delivery_state(request.state),
+        )
+        found = await self._store.list_deliveries(where, limit, request.page_token)
+        return publisher_pb2.ListDeliveriesResponse(
+            deliveries=[_delivery(d) for d in found],
+            next_page_token=found[-1].id if len(found) == limit else "",
+        )
+
+    async def GetDelivery(
+        self, request: publisher_pb2.GetDeliveryRequest, context: Context
+    ) -> publisher_pb2.GetDeliveryResponse:
+        delivery_id = validation.required_id(request.delivery_id, "delivery_id")
+        delivery = await self._store.get_delivery(delivery_id)
+        return publisher_pb2.GetDeliveryResponse(delivery=_delivery(delivery))
+
+    async def Redeliver(
+        self, request: publisher_pb2.RedeliverRequest, context: Context
+    ) -> publisher_pb2.RedeliverResponse:
+        delivery_id = validation.required_id(request.delivery_id, "delivery_id")
+        delivery = await self._store.redeliver(delivery_id)
+        return publisher_pb2.RedeliverResponse(delivery=_delivery(delivery))
+
+    async def _check_reachable(self, spec: model.SubscriberSpec) -> None:
+        if spec.protocol == model.Protocol.HTTP:
+            await self._check_url(spec.endpoint, "endpoint")
+        if spec.status_url:
+            await self._check_url(spec.status_url.replace("{event_id}", "x"), "status_url")
+
+
+# -- records -> protobuf ---------------------------------------------------------------------
+
+_PROTOCOLS = {
+    model.Protocol.GRPC: publisher_pb2.PROTOCOL_GRPC,
+    model.Protocol.HTTP: publisher_pb2.PROTOCOL_HTTP,
+}
+_STATES = {
+    model.SubscriberState.ACTIVE: publisher_pb2.SUBSCRIBER_STATE_ACTIVE,
+    model.SubscriberState.PAUSED: publisher_pb2.SUBSCRIBER_STATE_PAUSED,
+    model.SubscriberState.DISABLED: publisher_pb2.SUBSCRIBER_STATE_DISABLED,
+}
+_BODY_FORMATS = {
+    model.BodyFormat.RAW: publisher_pb2.BODY_FORMAT_RAW,
+    model.BodyFormat.FORM: publisher_pb2.BODY_FORMAT_FORM,
+}
+_DELIVERY_STATES = {
+    model.DeliveryState.PENDING: publisher_pb2.DELIVERY_STATE_PENDING,
+    model.DeliveryState.HELD: publisher_pb2.DELIVERY_STATE_PENDING,
+    model.DeliveryState.DELIVERED: publisher_pb2.DELIVERY_STATE_DELIVERED,
+    model.DeliveryState.FAILED: publisher_pb2.DELIVERY_STATE_FAILED,
+}
+_OUTCOMES = {
+    "delivered": publisher_pb2.ATTEMPT_OUTCOME_DELIVERED,
+    "failed": publisher_pb2.ATTEMPT_OUTCOME_FAILED,
+    "uncertain": publisher_pb2.ATTEMPT_OUTCOME_UNCERTAIN,
+    "confirmed": publisher_pb2.ATTEMPT_OUTCOME_CONFIRMED,
+}
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _subscriber(subscriber: model.Subscriber) -> publisher_pb2.Subscriber:
+    spec = subscriber.spec
+    return publisher_pb2.Subscriber(
+        id=subscriber.id,
+        name=spec.name,
+        endpoint=spec.endpoint,
+        protocol=_PROTOCOLS[spec.protocol],
+        event_types=spec.event_types,
+        retry_schedule=[_duration(s) for s in spec.retry_schedule],
+        contact_email=spec.contact_email,
+        state=_STATES[subscriber.state],
+        state_reason=subscriber.state_reason,
+        body_format=_BODY_FORMATS[spec.body_format],
+        status_url=spec.status_url,
+        created_at=_timestamp(subscriber.created_at),
+        updated_at=_timestamp(subscriber.updated_at),
+    )
+
+
+def _event(event: model.Event) -> event_pb2.Event:
+    return event_pb2.Event(
+        id=event.id,
+        type=event.type,
+        payload=event.payload,
+        content_type=event.content_type,
+        created_at=_timestamp(event.created_at),
+    )
+
+
+def _emit_result(result: model.EmitResult) -> publisher_pb2.EmitResponse:
+    return publisher_pb2.EmitResponse(
+        event_id=result.event_id, delivery_count=result.delivery_count, duplicate=result.duplicate
+    )
+
+
+def _delivery(delivery: model.Delivery) -> publisher_pb2.Delivery:
+    message = publisher_pb2.Delivery(
+        id=delivery.id,
+        event_id=delivery.event_id,
+        subscriber_id=delivery.subscriber_id,
+        state=_DELIVERY_STATES[delivery.state],
+        attempt_count=delivery.attempts,
+        created_at=_timestamp(delivery.created_at),
+        updated_at=_timestamp(delivery.updated_at),
+        last_error=delivery.last_error,
+        attempts=[
+            publisher_pb2.Attempt(
+                number=log.number,
+                started_at=_timestamp(log.started_at),
+                duration=_duration(log.duration),
+                outcome=_OUTCOMES.get(log.outcome, publisher_pb2.ATTEMPT_OUTCOME_UNSPECIFIED),
+                status_code=log.status_code,
+                error=log.error,
+            )
+            for log in delivery.log
+        ],
+    )
+    if delivery.next_attempt_at is not None:
+        message.next_attempt_at.CopyFrom(_timestamp(delivery.next_attempt_at))
+    return message

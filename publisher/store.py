@@ -1,0 +1,623 @@
+"""The publisher's store: every read and write of its database, in batches on the hot path.
+
+Emits are group-committed (many events and their deliveries per transaction),
+due deliveries are claimed many at a time with a lease, and attempt outcomes
+are recorded many at a time, each only if its writer still holds the lease.
+The hot path uses SQLAlchemy Core statements only.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from common import errors
+from common.group_commit import GroupCommit
+from publisher import matching, model
+from publisher.schema import attempts, deliveries, events, metadata, subscribers
+
+# Events per emit transaction; a batch emit of 1,000 still goes in one piece.
+MAX_EMIT_BATCH = 1000
+MAX_RECORD_BATCH = 1000
+# Transient conflicts (two replicas inserting one idempotency key) are retried this often.
+_EMIT_TRIES = 3
+
+
+def new_id(prefix: str) -> str:
+    """``prefix_`` + milliseconds + randomness: unique, and sorted by creation time."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """The outcome of one attempt and what it makes of its delivery."""
+
+    delivery_id: str
+    attempt: int
+    owner: str
+    started_at: float
+    duration: float
+    outcome: str
+    status_code: int
+    error: str
+    new_state: model.DeliveryState
+    next_attempt_at: float
+    # Non-empty: disable the subscriber for this reason (it answered 410 Gone).
+    disable_reason: str = ""
+    subscriber_id: str = ""
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, *, now: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._now = now
+        self._emits: GroupCommit[model.NewEvent, model.EmitResult] = GroupCommit(
+            self._write_events, MAX_EMIT_BATCH
+        )
+        self._records: GroupCommit[AttemptRecord, None] = GroupCommit(
+            self._write_records, MAX_RECORD_BATCH
+        )
+        # Called after every commit that may have made deliveries due.
+        self.on_new_work: Callable[[], None] = lambda: None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def create_schema(self) -> None:
+        async with self._engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def close(self) -> None:
+        await self._emits.close()
+        await self._records.close()
+        await self._engine.dispose()
+
+    # -- subscribers -------------------------------------------------------------------------
+
+    async def create_subscriber(self, spec: model.SubscriberSpec, secret: str) -> model.Subscriber:
+        now = self._now()
+        subscriber = model.Subscriber(
+            id=new_id("sub"),
+            spec=spec,
+            secret=secret,
+            state=model.SubscriberState.ACTIVE,
+            state_reason="",
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(subscribers.insert().values(**_subscriber_row(subscriber)))
+        return subscriber
+
+    async def get_subscriber(self, subscriber_id: str) -> model.Subscriber:
+        async with self._engine.connect() as conn:
+            return await _load_subscriber(conn, subscriber_id)
+
+    async def list_subscribers(self, limit: int, after_id: str) -> list[model.Subscriber]:
+        query = subscribers.select().where(subscribers.c.id > after_id)
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(query.order_by(subscribers.c.id).limit(limit))
+            return [_subscriber(row._mapping) for row in rows]
+
+    async def update_subscriber(
+        self,
+        subscriber_id: str,
+        spec: model.SubscriberSpec,
+        state: model.SubscriberState,
+        state_reason: str,
+    ) -> model.Subscriber:
+        """Replaces the spec and state; deliveries wait while it is not active."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            current = await _load_subscriber(conn, subscriber_id)
+            updated = model.Subscriber(
+                id=current.id,
+                spec=spec,
+                secret=current.secret,
+                state=state,
+                state_reason=state_reason,
+                created_at=current.created_at,
+                updated_at=now,
+            )
+            row = _subscriber_row(updated)
+            del row["id"]
+            await conn.execute(
+                subscribers.update().where(subscribers.c.id == subscriber_id).values(**row)
+            )
+            if current.state != state:
+                await _set_hold(conn, subscriber_id, hold=state != model.SubscriberState.ACTIVE)
+        if state == model.SubscriberState.ACTIVE:
+            self.on_new_work()
+        return updated
+
+    async def delete_subscriber(self, subscriber_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await _load_subscriber(conn, subscriber_id)
+            owned = sa.select(deliveries.c.id).where(deliveries.c.subscriber_id == subscriber_id)
+            await conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(owned)))
+            await conn.execute(deliveries.delete().where(deliveries.c.id.in_(owned)))
+            await conn.execute(subscribers.delete().where(subscribers.c.id == subscriber_id))
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def emit(self, batch: Sequence[model.NewEvent]) -> list[model.EmitResult]:
+        """Commits the events and their deliveries; returns after the commit."""
+        return await self._emits.submit(batch)
+
+    async def _write_events(self, batch: list[model.NewEvent]) -> list[model.EmitResult]:
+        for attempt in range(_EMIT_TRIES):
+            try:
+                async with self._engine.begin() as conn:
+                    results = await self._insert_events(conn, batch)
+                break
+            except sa.exc.IntegrityError:
+                # Another replica committed the same idempotency key first; look again.
+                if attempt == _EMIT_TRIES - 1:
+                    raise
+        if any(result.delivery_count and not result.duplicate for result in results):
+            self.on_new_work()
+        return results
+
+    async def _insert_events(
+        self, conn: AsyncConnection, batch: list[model.NewEvent]
+    ) -> list[model.EmitResult]:
+        now = self._now()
+        keys = {event.idempotency_key for event in batch if event.idempotency_key}
+        known: dict[str, model.EmitResult] = {}
+        if keys:
+            known = await _known_keys(conn, keys)
+        targets = await conn.execute(
+            sa.select(subscribers.c.id, subscribers.c.event_types, subscribers.c.state).where(
+                subscribers.c.state != model.SubscriberState.DISABLED.value
+            )
+        )
+        audience = [
+            (row.id, tuple(json.loads(row.event_types)), row.state == model.SubscriberState.ACTIVE)
+            for row in targets
+        ]
+        event_rows: list[dict[str, Any]] = []
+        delivery_rows: list[dict[str, Any]] = []
+        results: list[model.EmitResult] = []
+        for event in batch:
+            if event.idempotency_key in known:
+                results.append(known[event.idempotency_key])
+                continue
+            event_id = new_id("evt")
+            event_rows.append(
+                {
+                    "id": event_id,
+                    "type": event.type,
+                    "payload": event.payload,
+                    "content_type": event.content_type,
+                    "idempotency_key": event.idempotency_key or None,
+                    "created_at": now,
+                }
+            )
+            count = 0
+            for subscriber_id, patterns, active in audience:
+                if matching.matches(patterns, event.type):
+                    count += 1
+                    delivery_rows.append(_new_delivery(event_id, subscriber_id, active, now))
+            result = model.EmitResult(event_id=event_id, delivery_count=count, duplicate=False)
+            results.append(result)
+            if event.idempotency_key:
+                # A repeated key later in the same batch gets this event too.
+                known[event.idempotency_key] = model.EmitResult(event_id, count, duplicate=True)
+        if event_rows:
+            await conn.execute(events.insert(), event_rows)
+        if delivery_rows:
+            await conn.execute(deliveries.insert(), delivery_rows)
+        return results
+
+    async def get_event(self, event_id: str) -> model.Event:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(events.select().where(events.c.id == event_id))).first()
+        if row is None:
+            raise errors.NotFound(f"event_id: no event {event_id!r}")
+        return _event(row._mapping)
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    async def list_deliveries(
+        self, where: model.DeliveryFilter, limit: int, after_id: str
+    ) -> list[model.Delivery]:
+        query = deliveries.select().where(deliveries.c.id > after_id)
+        if where.event_id:
+            query = query.where(deliveries.c.event_id == where.event_id)
+        if where.subscriber_id:
+            query = query.where(deliveries.c.subscriber_id == where.subscriber_id)
+        if where.state is not None:
+            query = query.where(deliveries.c.state.in_(_stored_states(where.state)))
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(query.order_by(deliveries.c.id).limit(limit))
+            return [_delivery(row._mapping, ()) for row in rows]
+
+    async def get_delivery(self, delivery_id: str) -> model.Delivery:
+        async with self._engine.connect() as conn:
+            return await _load_delivery(conn, delivery_id)
+
+    async def redeliver(self, delivery_id: str) -> model.Delivery:
+        """Queues the delivery at once with a fresh schedule; an attempt in flight is fenced off."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            current = await _load_delivery(conn, delivery_id)
+            subscriber = await _load_subscriber(conn, current.subscriber_id)
+            active = subscriber.state == model.SubscriberState.ACTIVE
+            state = model.DeliveryState.PENDING if active else model.DeliveryState.HELD
+            await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(
+                    state=state.value,
+                    round_attempts=0,
+                    round_started_at=None,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    updated_at=now,
+                )
+            )
+            delivery = await _load_delivery(conn, delivery_id)
+        self.on_new_work()
+        return delivery
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[model.Claim]:
+        """Leases up to ``limit`` due deliveries to ``owner`` and bumps their attempt numbers.
+
+        The lease expiry becomes the delivery's next attempt time, so if the
+        owner dies the delivery simply comes due again. On PostgreSQL, SKIP
+        LOCKED lets replicas claim side by side without waiting on each other.
+        """
+        now = self._now()
+        due = (
+            sa.select(deliveries.c.id)
+            .where(
+                deliveries.c.state == model.DeliveryState.PENDING.value,
+                deliveries.c.next_attempt_at <= now,
+            )
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        lease = (
+            deliveries.update()
+            .where(deliveries.c.id.in_(due.scalar_subquery()))
+            .values(
+                attempts=deliveries.c.attempts + 1,
+                round_attempts=deliveries.c.round_attempts + 1,
+                round_started_at=sa.func.coalesce(deliveries.c.round_started_at, now),
+                lease_owner=owner,
+                next_attempt_at=now + lease_seconds,
+                updated_at=now,
+            )
+            .returning(
+                deliveries.c.id,
+                deliveries.c.attempts,
+                deliveries.c.round_attempts,
+                deliveries.c.round_started_at,
+            )
+        )
+        async with self._engine.begin() as conn:
+            leased = (await conn.execute(lease)).all()
+            if not leased:
+                return []
+            ids = [row.id for row in leased]
+            details = await conn.execute(
+                sa.select(
+                    deliveries.c.id.label("delivery_id"),
+                    *[column.label(f"e_{column.name}") for column in events.c],
+                    *[column.label(f"s_{column.name}") for column in subscribers.c],
+                )
+                .select_from(deliveries.join(events).join(subscribers))
+                .where(deliveries.c.id.in_(ids))
+            )
+            by_id = {row.delivery_id: row._mapping for row in details}
+        claims = []
+        subscriber_cache: dict[str, model.Subscriber] = {}
+        for row in leased:
+            detail = by_id[row.id]
+            subscriber_id = detail["s_id"]
+            if subscriber_id not in subscriber_cache:
+                subscriber_cache[subscriber_id] = _subscriber(_prefixed(detail, "s_"))
+            claims.append(
+                model.Claim(
+                    delivery_id=row.id,
+                    attempt=row.attempts,
+                    attempts_in_round=row.round_attempts,
+                    round_started_at=row.round_started_at,
+                    event=_event(_prefixed(detail, "e_")),
+                    subscriber=subscriber_cache[subscriber_id],
+                )
+            )
+        return claims
+
+    async def record(self, outcomes: Sequence[AttemptRecord]) -> None:
+        """Writes attempt outcomes; one whose lease was lost (fenced) is dropped."""
+        await self._records.submit(outcomes)
+
+    async def _write_records(self, batch: list[AttemptRecord]) -> list[None]:
+        now = self._now()
+        held = model.DeliveryState.HELD.value
+        pending = model.DeliveryState.PENDING.value
+        still_leased = sa.exists().where(
+            deliveries.c.id == sa.bindparam("b_delivery_id"),
+            deliveries.c.attempts == sa.bindparam("b_attempt"),
+            deliveries.c.lease_owner == sa.bindparam("b_owner"),
+        )
+        log = attempts.insert().from_select(
+            ["delivery_id", "number", "started_at", "duration", "outcome", "status_code", "error"],
+            sa.select(
+                sa.bindparam("b_delivery_id", type_=sa.String),
+                sa.bindparam("b_attempt", type_=sa.Integer),
+                sa.bindparam("b_started_at", type_=sa.Double),
+                sa.bindparam("b_duration", type_=sa.Double),
+                sa.bindparam("b_outcome", type_=sa.String),
+                sa.bindparam("b_status_code", type_=sa.Integer),
+                sa.bindparam("b_error", type_=sa.Text),
+            ).where(still_leased),
+        )
+        settle = (
+            deliveries.update()
+            .where(
+                deliveries.c.id == sa.bindparam("b_delivery_id"),
+                deliveries.c.attempts == sa.bindparam("b_attempt"),
+                deliveries.c.lease_owner == sa.bindparam("b_owner"),
+            )
+            .values(
+                # A subscriber paused while the attempt was in flight keeps its delivery held.
+                state=sa.case(
+                    (
+                        sa.and_(
+                            sa.bindparam("b_state", type_=sa.String) == pending,
+                            deliveries.c.state == held,
+                        ),
+                        held,
+                    ),
+                    else_=sa.bindparam("b_state", type_=sa.String),
+                ),
+                next_attempt_at=sa.bindparam("b_next"),
+                lease_owner=None,
+                last_error=sa.bindparam("b_error"),
+                updated_at=now,
+            )
+        )
+        params = [
+            {
+                "b_delivery_id": record.delivery_id,
+                "b_attempt": record.attempt,
+                "b_owner": record.owner,
+                "b_started_at": record.started_at,
+                "b_duration": record.duration,
+                "b_outcome": record.outcome,
+                "b_status_code": record.status_code,
+                "b_error": record.error,
+                "b_state": record.new_state.value,
+                "b_next": record.next_attempt_at,
+            }
+            for record in batch
+        ]
+        async with self._engine.begin() as conn:
+            await conn.execute(log, params)
+            await conn.execute(settle, params)
+            for record in batch:
+                if record.disable_reason:
+                    await _disable(conn, record.subscriber_id, record.disable_reason, now)
+        if any(record.new_state == model.DeliveryState.PENDING for record in batch):
+            self.on_new_work()
+        return [None] * len(batch)
+
+    async def release(self, owner: str) -> int:
+        """Hands back ``owner``'s leases so that they are due at once (graceful stop)."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.lease_owner == owner,
+                    deliveries.c.state.in_([model.DeliveryState.PENDING.value, "held"]),
+                )
+                .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+            )
+        return result.rowcount
+
+    async def reclaim_all(self) -> int:
+        """Makes every leased delivery due now.
+
+        Only for the embedded database, where this process is the only
+        publisher: any lease it finds was left by a previous run that died.
+        """
+        now = self._now()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.lease_owner.is_not(None))
+                .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+            )
+        return result.rowcount
+
+    async def next_due_at(self) -> float | None:
+        """When the earliest pending delivery comes due (None when there is none)."""
+        async with self._engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.state == model.DeliveryState.PENDING.value
+                )
+            )
+        return None if value is None else float(value)
+
+
+# -- rows <-> records ------------------------------------------------------------------------
+
+
+def _new_delivery(event_id: str, subscriber_id: str, active: bool, now: float) -> dict[str, Any]:
+    state = model.DeliveryState.PENDING if active else model.DeliveryState.HELD
+    return {
+        "id": new_id("dlv"),
+        "event_id": event_id,
+        "subscriber_id": subscriber_id,
+        "state": state.value,
+        "attempts": 0,
+        "round_attempts": 0,
+        "round_started_at": None,
+        "next_attempt_at": now,
+        "lease_owner": None,
+        "created_at": now,
+        "updated_at": now,
+        "last_error": "",
+    }
+
+
+def _stored_states(state: model.DeliveryState) -> list[str]:
+    if state == model.DeliveryState.PENDING:
+        return [model.DeliveryState.PENDING.value, model.DeliveryState.HELD.value]
+    return [state.value]
+
+
+async def _known_keys(conn: AsyncConnection, keys: set[str]) -> dict[str, model.EmitResult]:
+    rows = await conn.execute(
+        sa.select(
+            events.c.idempotency_key,
+            events.c.id,
+            sa.select(sa.func.count())
+            .where(deliveries.c.event_id == events.c.id)
+            .scalar_subquery()
+            .label("delivery_count"),
+        ).where(events.c.idempotency_key.in_(keys))
+    )
+    return {
+        row.idempotency_key: model.EmitResult(row.id, row.delivery_count, duplicate=True)
+        for row in rows
+    }
+
+
+async def _set_hold(conn: AsyncConnection, subscriber_id: str, *, hold: bool) -> None:
+    before, after = model.DeliveryState.PENDING, model.DeliveryState.HELD
+    if not hold:
+        before, after = after, before
+    await conn.execute(
+        deliveries.update()
+        .where(deliveries.c.subscriber_id == subscriber_id, deliveries.c.state == before.value)
+        .values(state=after.value)
+    )
+
+
+async def _disable(conn: AsyncConnection, subscriber_id: str, reason: str, now: float) -> None:
+    result = await conn.execute(
+        subscribers.update()
+        .where(
+            subscribers.c.id == subscriber_id,
+            subscribers.c.state == model.SubscriberState.ACTIVE.value,
+        )
+        .values(state=model.SubscriberState.DISABLED.value, state_reason=reason, updated_at=now)
+    )
+    if result.rowcount:
+        await _set_hold(conn, subscriber_id, hold=True)
+
+
+async def _load_subscriber(conn: AsyncConnection, subscriber_id: str) -> model.Subscriber:
+    query = subscribers.select().where(subscribers.c.id == subscriber_id)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise errors.NotFound(f"subscriber_id: no subscriber {subscriber_id!r}")
+    return _subscriber(row._mapping)
+
+
+async def _load_delivery(conn: AsyncConnection, delivery_id: str) -> model.Delivery:
+    row = (await conn.execute(deliveries.select().where(deliveries.c.id == delivery_id))).first()
+    if row is None:
+        raise errors.NotFound(f"delivery_id: no delivery {delivery_id!r}")
+    logs = await conn.execute(
+        attempts.select()
+        .where(attempts.c.delivery_id == delivery_id)
+        .order_by(attempts.c.number, attempts.c.id)
+    )
+    return _delivery(row._mapping, tuple(_attempt(log._mapping) for log in logs))
+
+
+def _prefixed(mapping: Any, prefix: str) -> dict[str, Any]:
+    return {key[len(prefix) :]: value for key, value in mapping.items() if key.startswith(prefix)}
+
+
+def _subscriber_row(subscriber: model.Subscriber) -> dict[str, Any]:
+    spec = subscriber.spec
+    return {
+        "id": subscriber.id,
+        "name": spec.name,
+        "endpoint": spec.endpoint,
+        "protocol": spec.protocol.value,
+        "event_types": json.dumps(list(spec.event_types)),
+        "retry_schedule": json.dumps(list(spec.retry_schedule)),
+        "contact_email": spec.contact_email,
+        "secret": subscriber.secret,
+        "body_format": spec.body_format.value,
+        "status_url": spec.status_url,
+        "state": subscriber.state.value,
+        "state_reason": subscriber.state_reason,
+        "created_at": subscriber.created_at,
+        "updated_at": subscriber.updated_at,
+    }
+
+
+def _subscriber(row: Any) -> model.Subscriber:
+    return model.Subscriber(
+        id=row["id"],
+        spec=model.SubscriberSpec(
+            name=row["name"],
+            endpoint=row["endpoint"],
+            protocol=model.Protocol(row["protocol"]),
+            event_types=tuple(json.loads(row["event_types"])),
+            retry_schedule=tuple(json.loads(row["retry_schedule"])),
+            contact_email=row["contact_email"],
+            body_format=model.BodyFormat(row["body_format"]),
+            status_url=row["status_url"],
+        ),
+        secret=row["secret"],
+        state=model.SubscriberState(row["state"]),
+        state_reason=row["state_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _event(row: Any) -> model.Event:
+    return model.Event(
+        id=row["id"],
+        type=row["type"],
+        payload=bytes(row["payload"]),
+        content_type=row["content_type"],
+        created_at=row["created_at"],
+    )
+
+
+def _delivery(row: Any, log: tuple[model.AttemptLog, ...]) -> model.Delivery:
+    state = model.DeliveryState(row["state"])
+    return model.Delivery(
+        id=row["id"],
+        event_id=row["event_id"],
+        subscriber_id=row["subscriber_id"],
+        state=state,
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"] if state == model.DeliveryState.PENDING else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_error=row["last_error"],
+        log=log,
+    )
+
+
+def _attempt(row: Any) -> model.AttemptLog:
+    return model.AttemptLog(
+        number=row["number"],
+        started_at=row["started_at"],
+        duration=row["duration"],
+        outcome=row["outcome"],
+        status_code=row["status_code"],
+        error=row["error"],
+    )

@@ -1,0 +1,76 @@
+"""What the dispatcher hands a transport, and what a transport hands back.
+
+A transport makes one attempt and classifies what happened. It never touches
+the database and never raises for a failed delivery: every failure is a
+``Result`` so that the dispatcher records it like any other outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+Clock = Callable[[], float]
+
+# How much error text or response body an attempt log keeps.
+EXCERPT_BYTES = 1024
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"
+    # Refused, or never sent (connection refused, DNS, SSRF guard): safe to retry.
+    FAILED = "failed"
+    # Sent, but whether it arrived is unknown (deadline passed, connection broke mid-response).
+    UNCERTAIN = "uncertain"
+    # The subscriber said it already has the event (status check).
+    CONFIRMED = "confirmed"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt to deliver one event to one subscriber."""
+
+    delivery_id: str
+    attempt: int
+    event_id: str
+    event_type: str
+    payload: bytes
+    content_type: str
+    created_at: float
+    subscriber_id: str
+    endpoint: str
+    # "raw" or "form"; HTTP only.
+    body_format: str
+    # Keys of the subscriber's valid secrets, newest first; all sign (rotation).
+    keys: tuple[bytes, ...]
+    # The publisher's name, the JWT issuer.
+    issuer: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    # gRPC status code value or HTTP status; 0 when nothing answered.
+    status_code: int = 0
+    error: str = ""
+    # Seconds the subscriber asked us to wait (HTTP Retry-After).
+    retry_after: float | None = None
+    # The subscriber said it is gone for good (HTTP 410): disable it.
+    gone: bool = False
+
+
+class Transport(Protocol):
+    async def send(self, attempt: Attempt) -> Result: ...
+
+    async def close(self) -> None: ...
+
+
+def excerpt(text: str) -> str:
+    """Error or body text cut to what an attempt log keeps."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= EXCERPT_BYTES:
+        return text
+    return data[:EXCERPT_BYTES].decode("utf-8", "ignore") + "…"

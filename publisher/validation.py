@@ -1,0 +1,260 @@
+"""Turns publisher requests into valid domain values, or InvalidArgument naming the field.
+
+Everything here is checked before anything is written, so a bad request leaves
+nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import urllib.parse
+from collections.abc import Sequence
+
+from google.protobuf import duration_pb2
+
+from common import errors, signing
+from common.gen.webhooks.v1 import publisher_pb2
+from publisher import matching, model, retry
+
+DEFAULT_CONTENT_TYPE = "application/json"
+MAX_NAME_LENGTH = 200
+MAX_KEY_LENGTH = 200
+MAX_URL_LENGTH = 2048
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_BATCH = 1000
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_CONTENT_TYPE = re.compile(r"^[\w.+\-]+/[\w.+\-]+(\s*;.*)?$")
+
+UPDATABLE = frozenset(
+    {
+        "name",
+        "endpoint",
+        "protocol",
+        "event_types",
+        "retry_schedule",
+        "contact_email",
+        "state",
+        "body_format",
+        "status_url",
+    }
+)
+
+_PROTOCOLS = {
+    publisher_pb2.PROTOCOL_GRPC: model.Protocol.GRPC,
+    publisher_pb2.PROTOCOL_HTTP: model.Protocol.HTTP,
+}
+_BODY_FORMATS = {
+    publisher_pb2.BODY_FORMAT_UNSPECIFIED: model.BodyFormat.RAW,
+    publisher_pb2.BODY_FORMAT_RAW: model.BodyFormat.RAW,
+    publisher_pb2.BODY_FORMAT_FORM: model.BodyFormat.FORM,
+}
+_STATES = {
+    publisher_pb2.SUBSCRIBER_STATE_ACTIVE: model.SubscriberState.ACTIVE,
+    publisher_pb2.SUBSCRIBER_STATE_PAUSED: model.SubscriberState.PAUSED,
+    publisher_pb2.SUBSCRIBER_STATE_DISABLED: model.SubscriberState.DISABLED,
+}
+_DELIVERY_STATES = {
+    publisher_pb2.DELIVERY_STATE_PENDING: model.DeliveryState.PENDING,
+    publisher_pb2.DELIVERY_STATE_DELIVERED: model.DeliveryState.DELIVERED,
+    publisher_pb2.DELIVERY_STATE_FAILED: model.DeliveryState.FAILED,
+}
+
+
+def subscriber_spec(
+    *,
+    name: str,
+    endpoint: str,
+    protocol: publisher_pb2.Protocol.ValueType,
+    event_types: Sequence[str],
+    retry_schedule: Sequence[duration_pb2.Duration],
+    contact_email: str,
+    body_format: publisher_pb2.BodyFormat.ValueType,
+    status_url: str,
+) -> model.SubscriberSpec:
+    name = name.strip()
+    if not name:
+        raise errors.InvalidArgument("name", "must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise errors.InvalidArgument("name", f"longer than {MAX_NAME_LENGTH} characters")
+    kind = _protocol(protocol, endpoint)
+    if kind == model.Protocol.HTTP:
+        _http_url(endpoint, "endpoint")
+    else:
+        _grpc_target(endpoint)
+    for index, pattern in enumerate(event_types):
+        problem = matching.filter_problem(pattern)
+        if problem:
+            raise errors.InvalidArgument(f"event_types[{index}]", f"{pattern!r} {problem}")
+    schedule = tuple(_seconds(d, f"retry_schedule[{i}]") for i, d in enumerate(retry_schedule))
+    problem = retry.validate(schedule)
+    if problem:
+        raise errors.InvalidArgument("retry_schedule", problem)
+    if contact_email and not _EMAIL.match(contact_email):
+        raise errors.InvalidArgument("contact_email", f"{contact_email!r} is not an email address")
+    if body_format not in _BODY_FORMATS:
+        raise errors.InvalidArgument("body_format", f"unknown value {body_format}")
+    fmt = _BODY_FORMATS[body_format]
+    if fmt == model.BodyFormat.FORM and kind != model.Protocol.HTTP:
+        raise errors.InvalidArgument("body_format", "forms are for HTTP subscribers only")
+    if status_url:
+        _http_url(status_url, "status_url")
+        if "{event_id}" not in status_url:
+            raise errors.InvalidArgument("status_url", "must contain the placeholder {event_id}")
+    return model.SubscriberSpec(
+        name=name,
+        endpoint=endpoint,
+        protocol=kind,
+        event_types=tuple(dict.fromkeys(event_types)),
+        retry_schedule=schedule or retry.DEFAULT_SCHEDULE,
+        contact_email=contact_email,
+        body_format=fmt,
+        status_url=status_url,
+    )
+
+
+def secret(value: str) -> str:
+    """The caller's secret after checking it, or a freshly generated one."""
+    if not value:
+        return signing.generate_secret()
+    signing.secret_key(value, "secret")
+    return value
+
+
+def subscriber_state(value: publisher_pb2.SubscriberState.ValueType) -> model.SubscriberState:
+    if value not in _STATES:
+        raise errors.InvalidArgument("subscriber.state", "must be ACTIVE, PAUSED or DISABLED")
+    return _STATES[value]
+
+
+def update_paths(paths: Sequence[str]) -> set[str]:
+    if not paths:
+        raise errors.InvalidArgument("update_mask", "must name at least one field")
+    unknown = sorted(set(paths) - UPDATABLE)
+    if unknown:
+        raise errors.InvalidArgument(
+            "update_mask", f"cannot update {', '.join(unknown)}; allowed: {sorted(UPDATABLE)}"
+        )
+    return set(paths)
+
+
+def new_event(
+    request: publisher_pb2.EmitRequest, max_payload: int, field: str = ""
+) -> model.NewEvent:
+    problem = matching.type_problem(request.type)
+    if problem:
+        raise errors.InvalidArgument(f"{field}type", problem)
+    if len(request.payload) > max_payload:
+        raise errors.InvalidArgument(
+            f"{field}payload", f"{len(request.payload)} bytes exceeds the limit of {max_payload}"
+        )
+    content_type = request.content_type.strip() or DEFAULT_CONTENT_TYPE
+    if not _CONTENT_TYPE.match(content_type):
+        raise errors.InvalidArgument(
+            f"{field}content_type", f"{content_type!r} is not a media type"
+        )
+    if content_type.split(";")[0].strip().lower() == DEFAULT_CONTENT_TYPE:
+        try:
+            json.loads(request.payload)
+        except ValueError:
+            raise errors.InvalidArgument(
+                f"{field}payload", "not valid JSON, but content_type is application/json"
+            ) from None
+    if len(request.idempotency_key) > MAX_KEY_LENGTH:
+        raise errors.InvalidArgument(
+            f"{field}idempotency_key", f"longer than {MAX_KEY_LENGTH} characters"
+        )
+    return model.NewEvent(
+        type=request.type,
+        payload=request.payload,
+        content_type=content_type,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def new_events(
+    requests: Sequence[publisher_pb2.EmitRequest], max_payload: int
+) -> list[model.NewEvent]:
+    if not requests:
+        raise errors.InvalidArgument("events", "must hold at least one event")
+    if len(requests) > MAX_BATCH:
+        raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per batch")
+    return [new_event(r, max_payload, f"events[{i}].") for i, r in enumerate(requests)]
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise errors.InvalidArgument("page_size", "must not be negative")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def delivery_state(value: publisher_pb2.DeliveryState.ValueType) -> model.DeliveryState | None:
+    if value == publisher_pb2.DELIVERY_STATE_UNSPECIFIED:
+        return None
+    if value not in _DELIVERY_STATES:
+        raise errors.InvalidArgument("state", f"unknown delivery state {value}")
+    return _DELIVERY_STATES[value]
+
+
+def required_id(value: str, field: str) -> str:
+    if not value:
+        raise errors.InvalidArgument(field, "must not be empty")
+    return value
+
+
+def _protocol(value: publisher_pb2.Protocol.ValueType, endpoint: str) -> model.Protocol:
+    looks_http = endpoint.lower().startswith(("http://", "https://"))
+    if value == publisher_pb2.PROTOCOL_UNSPECIFIED:
+        return model.Protocol.HTTP if looks_http else model.Protocol.GRPC
+    if value not in _PROTOCOLS:
+        raise errors.InvalidArgument("protocol", f"unknown value {value}")
+    kind = _PROTOCOLS[value]
+    if kind == model.Protocol.GRPC and looks_http:
+        raise errors.InvalidArgument("endpoint", "a gRPC endpoint is host:port, not a URL")
+    return kind
+
+
+def _grpc_target(endpoint: str) -> None:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host:
+        raise errors.InvalidArgument("endpoint", f"{endpoint!r} is not host:port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgument("endpoint", f"{endpoint!r} has no valid port")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise errors.InvalidArgument("endpoint", f"{host!r} is not an IPv6 address") from None
+    elif not _HOSTNAME.match(host):
+        raise errors.InvalidArgument("endpoint", f"{host!r} is not a host name or address")
+
+
+def _http_url(url: str, field: str) -> None:
+    if len(url) > MAX_URL_LENGTH:
+        raise errors.InvalidArgument(field, f"longer than {MAX_URL_LENGTH} characters")
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as error:
+        raise errors.InvalidArgument(field, f"{url!r} is not a URL: {error}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise errors.InvalidArgument(field, f"{url!r} must be an http:// or https:// URL")
+    if not parsed.hostname:
+        raise errors.InvalidArgument(field, f"{url!r} has no host")
+    if parsed.username or parsed.password:
+        raise errors.InvalidArgument(
+            field, "must not carry credentials; the signature authenticates"
+        )
+
+
+def _seconds(duration: duration_pb2.Duration, field: str) -> float:
+    seconds = duration.seconds + duration.nanos / 1e9
+    if seconds <= 0:
+        raise errors.InvalidArgument(field, "must be positive")
+    return seconds
