@@ -13,9 +13,10 @@ from sqlalchemy.engine import make_url
 
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import model
+from publisher import model, ssrf
 from publisher.dispatcher import Dispatcher
 from publisher.grpc_transport import GrpcTransport
+from publisher.http_transport import HttpTransport
 from publisher.servicer import PublisherServicer
 from publisher.settings import Settings
 from publisher.store import Store
@@ -38,6 +39,7 @@ class PublisherApp:
         self._store: Store | None = None
         self._dispatcher: Dispatcher | None = None
         self._transports: dict[model.Protocol, Transport] = {}
+        self._stopped = False
 
     @property
     def address(self) -> str:
@@ -62,7 +64,11 @@ class PublisherApp:
             reclaimed = await store.reclaim_all()
             if reclaimed:
                 log.event(logger, "stale_leases_reclaimed", count=reclaimed)
-        self._transports = {model.Protocol.GRPC: GrpcTransport(now=time.time)}
+        guard = ssrf.Guard(settings.allow_cidrs)
+        self._transports = {
+            model.Protocol.GRPC: GrpcTransport(now=time.time),
+            model.Protocol.HTTP: HttpTransport(guard=guard),
+        }
         dispatcher = self._dispatcher = Dispatcher(
             store,
             self._transports,
@@ -75,7 +81,12 @@ class PublisherApp:
         store.on_new_work = dispatcher.wake
         server = self._server = grpc_server.create_server()
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
-            PublisherServicer(store, max_payload_bytes=settings.max_payload_bytes), server
+            PublisherServicer(
+                store,
+                max_payload_bytes=settings.max_payload_bytes,
+                check_url=guard.check_registration,
+            ),
+            server,
         )
         grpc_server.add_health_and_reflection(
             server, [publisher_pb2.DESCRIPTOR.services_by_name["PublisherService"]]
@@ -87,6 +98,9 @@ class PublisherApp:
 
     async def stop(self) -> None:
         """Refuses new calls, finishes those in flight, then settles or releases deliveries."""
+        if self._stopped:
+            return
+        self._stopped = True
         log.event(logger, "stopping")
         if self._server is not None:
             await self._server.stop(grpc_server.GRACE_SECONDS)

@@ -1,0 +1,104 @@
+"""Shared fixtures: a fresh database per test (SQLite file or PostgreSQL database), a running
+publisher on port 0 with a client stub, and a scriptable gRPC subscriber."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc.aio
+import pytest
+from sqlalchemy.engine import make_url
+
+from common.gen.webhooks.v1 import publisher_pb2_grpc
+from publisher.app import PublisherApp
+from publisher.settings import Settings
+from tests.support import FakeSubscriber
+
+POSTGRES_URL = os.environ.get("WEBHOOKS_TEST_POSTGRES_URL", "")
+POSTGRES_REQUIRED = os.environ.get("WEBHOOKS_REQUIRE_POSTGRES") == "1"
+
+
+async def _postgres_admin() -> asyncpg.Connection:
+    if not POSTGRES_URL:
+        reason = "WEBHOOKS_TEST_POSTGRES_URL is not set"
+        if POSTGRES_REQUIRED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    url = make_url(POSTGRES_URL).set(drivername="postgresql")
+    try:
+        connection: asyncpg.Connection = await asyncpg.connect(
+            url.render_as_string(hide_password=False), timeout=5
+        )
+    except (OSError, asyncpg.PostgresError) as error:
+        reason = f"PostgreSQL at {POSTGRES_URL} is unreachable: {error}"
+        if POSTGRES_REQUIRED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return connection
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    admin = await _postgres_admin()
+    name = f"webhooks_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each delivery test runs once on an SQLite file and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'publisher.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+StartPublisher = Callable[..., Awaitable[PublisherApp]]
+
+
+@pytest.fixture
+async def start_publisher(database_url: str) -> AsyncIterator[StartPublisher]:
+    """Starts publishers in this process (port 0); all are stopped after the test."""
+    apps: list[PublisherApp] = []
+
+    async def start(**overrides: Any) -> PublisherApp:
+        values: dict[str, Any] = {"port": 0, "database_url": database_url, "delivery_timeout": 5.0}
+        settings = Settings(**{**values, **overrides})
+        app = PublisherApp(settings)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in reversed(apps):
+        await app.stop()
+
+
+@pytest.fixture
+async def publisher(start_publisher: StartPublisher) -> PublisherApp:
+    return await start_publisher()
+
+
+@pytest.fixture
+async def stub(publisher: PublisherApp) -> AsyncIterator[publisher_pb2_grpc.PublisherServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(publisher.address) as channel:
+        yield publisher_pb2_grpc.PublisherServiceStub(channel)  # type: ignore[misc]
+
+
+@pytest.fixture
+async def subscriber() -> AsyncIterator[FakeSubscriber]:
+    fake = FakeSubscriber()
+    await fake.start()
+    yield fake
+    await fake.stop()

@@ -1,0 +1,345 @@
+"""The publisher end to end in one process: real gRPC servers on port 0, a real database
+(SQLite file and PostgreSQL, via the parametrised ``database_url`` fixture)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from publisher.app import PublisherApp
+from tests.conftest import StartPublisher
+from tests.support import FakeSubscriber, claims_of, eventually
+
+if TYPE_CHECKING:
+    Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
+DELIVERED = publisher_pb2.DELIVERY_STATE_DELIVERED
+PENDING = publisher_pb2.DELIVERY_STATE_PENDING
+FAILED = publisher_pb2.DELIVERY_STATE_FAILED
+
+
+def schedule(*seconds: float) -> list[duration_pb2.Duration]:
+    durations = []
+    for value in seconds:
+        duration = duration_pb2.Duration()
+        duration.FromNanoseconds(int(value * 1e9))
+        durations.append(duration)
+    return durations
+
+
+async def register(
+    stub: Stub, endpoint: str, **fields: object
+) -> publisher_pb2.RegisterSubscriberResponse:
+    fields.setdefault("name", "test")
+    request = publisher_pb2.RegisterSubscriberRequest(endpoint=endpoint, **fields)  # type: ignore[arg-type]
+    response: publisher_pb2.RegisterSubscriberResponse = await stub.RegisterSubscriber(request)
+    return response
+
+
+async def emit(stub: Stub, event_type: str = "order.paid", **fields: object) -> publisher_pb2.EmitResponse:
+    request = publisher_pb2.EmitRequest(type=event_type, payload=b'{"amount": 42}', **fields)  # type: ignore[arg-type]
+    response: publisher_pb2.EmitResponse = await stub.Emit(request)
+    return response
+
+
+async def only_delivery(stub: Stub, event_id: str) -> publisher_pb2.Delivery:
+    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest(event_id=event_id))
+    (delivery,) = listing.deliveries
+    full = await stub.GetDelivery(publisher_pb2.GetDeliveryRequest(delivery_id=delivery.id))
+    return full.delivery
+
+
+async def delivery_in(stub: Stub, event_id: str, state: int) -> publisher_pb2.Delivery:
+    async def check() -> publisher_pb2.Delivery | None:
+        delivery = await only_delivery(stub, event_id)
+        return delivery if delivery.state == state else None
+
+    return await eventually(check, what=f"delivery of {event_id} in state {state}")
+
+
+async def test_emitted_event_is_delivered_with_a_jwt_anyone_can_verify(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    registered = await register(stub, f"127.0.0.1:{subscriber.port}")
+    emitted = await emit(stub)
+    assert emitted.delivery_count == 1
+
+    delivery = await delivery_in(stub, emitted.event_id, DELIVERED)
+    assert delivery.attempt_count == 1
+    assert [a.outcome for a in delivery.attempts] == [publisher_pb2.ATTEMPT_OUTCOME_DELIVERED]
+    (received,) = subscriber.received
+    assert received.request.event.id == emitted.event_id
+    assert received.request.event.payload == b'{"amount": 42}'
+    assert received.request.delivery_id == delivery.id
+    claims = claims_of(received, registered.secret, registered.subscriber.id)
+    assert claims["iss"] == "grpc-webhooks"
+    assert claims["event_id"] == emitted.event_id
+    assert claims["event_type"] == "order.paid"
+    assert claims["attempt"] == 1
+    assert claims["body_sha256"] == hashlib.sha256(b'{"amount": 42}').hexdigest()
+    assert claims["exp"] - claims["iat"] <= 600
+
+
+async def test_emit_is_committed_before_it_answers(stub: Stub) -> None:
+    emitted = await emit(stub, idempotency_key="k1")
+    event = (await stub.GetEvent(publisher_pb2.GetEventRequest(event_id=emitted.event_id))).event
+    assert event.type == "order.paid"
+    assert event.content_type == "application/json"
+
+
+async def test_same_idempotency_key_returns_the_first_event_and_creates_nothing(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    await register(stub, f"127.0.0.1:{subscriber.port}")
+    first = await emit(stub, idempotency_key="order-7")
+    again = await emit(stub, idempotency_key="order-7")
+    assert again.event_id == first.event_id
+    assert again.duplicate and not first.duplicate
+    assert again.delivery_count == first.delivery_count == 1
+    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest(event_id=first.event_id))
+    assert len(listing.deliveries) == 1
+
+
+async def test_event_types_filter_with_exact_names_and_wildcards(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    endpoint = f"127.0.0.1:{subscriber.port}"
+    orders = await register(stub, endpoint, event_types=["order.*"])
+    users = await register(stub, endpoint, event_types=["user.created"])
+    everything = await register(stub, endpoint)
+
+    async def audience(event_type: str) -> set[str]:
+        emitted = await emit(stub, event_type)
+        listing = await stub.ListDeliveries(
+            publisher_pb2.ListDeliveriesRequest(event_id=emitted.event_id)
+        )
+        return {d.subscriber_id for d in listing.deliveries}
+
+    ids = orders.subscriber.id, users.subscriber.id, everything.subscriber.id
+    assert await audience("order.paid") == {ids[0], ids[2]}
+    assert await audience("order.item.added") == {ids[0], ids[2]}
+    assert await audience("user.created") == {ids[1], ids[2]}
+    assert await audience("user.deleted") == {ids[2]}
+
+
+async def test_paused_subscriber_waits_and_gets_its_events_on_resume(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    witness = FakeSubscriber()
+    await witness.start()
+    try:
+        paused = await register(stub, f"127.0.0.1:{subscriber.port}")
+        await register(stub, f"127.0.0.1:{witness.port}")
+        await set_state(stub, paused.subscriber.id, publisher_pb2.SUBSCRIBER_STATE_PAUSED)
+        emitted = await emit(stub)
+        # The witness got the same event from the same claim round: the paused one was skipped.
+        await eventually(lambda: _async(witness.event_ids()), what="witness receives")
+        listing = await stub.ListDeliveries(
+            publisher_pb2.ListDeliveriesRequest(subscriber_id=paused.subscriber.id)
+        )
+        assert [d.state for d in listing.deliveries] == [PENDING]
+        assert subscriber.received == []
+
+        await set_state(stub, paused.subscriber.id, publisher_pb2.SUBSCRIBER_STATE_ACTIVE)
+        await eventually(lambda: _async(subscriber.event_ids() == [emitted.event_id]))
+    finally:
+        await witness.stop()
+
+
+async def set_state(stub: Stub, subscriber_id: str, state: int) -> publisher_pb2.Subscriber:
+    response = await stub.UpdateSubscriber(
+        publisher_pb2.UpdateSubscriberRequest(
+            subscriber=publisher_pb2.Subscriber(id=subscriber_id, state=state),  # type: ignore[arg-type]
+            update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+        )
+    )
+    return response.subscriber
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def test_failed_attempts_are_retried_until_the_subscriber_comes_up(stub: Stub) -> None:
+    down = FakeSubscriber()
+    endpoint = await down.start()
+    await down.stop()
+    await register(stub, endpoint, retry_schedule=schedule(0.2, 0.4, 0.6, 60))
+    emitted = await emit(stub)
+
+    async def failed_twice() -> bool:
+        delivery = await only_delivery(stub, emitted.event_id)
+        return len(delivery.attempts) >= 2
+
+    await eventually(failed_twice, what="two failed attempts")
+    await down.start(down.port)
+    try:
+        delivery = await delivery_in(stub, emitted.event_id, DELIVERED)
+        outcomes = [a.outcome for a in delivery.attempts]
+        assert outcomes[-1] == publisher_pb2.ATTEMPT_OUTCOME_DELIVERED
+        assert set(outcomes[:-1]) == {publisher_pb2.ATTEMPT_OUTCOME_FAILED}
+        assert "UNAVAILABLE" in delivery.attempts[0].error
+        assert down.event_ids() == [emitted.event_id]
+    finally:
+        await down.stop()
+
+
+async def test_delivery_fails_after_the_last_retry_when_the_subscriber_never_comes_up(
+    stub: Stub,
+) -> None:
+    down = FakeSubscriber()
+    endpoint = await down.start()
+    await down.stop()
+    await register(stub, endpoint, retry_schedule=schedule(0.1, 0.2, 0.3))
+    emitted = await emit(stub)
+
+    delivery = await delivery_in(stub, emitted.event_id, FAILED)
+    assert delivery.attempt_count == 4
+    assert [a.number for a in delivery.attempts] == [1, 2, 3, 4]
+    assert {a.outcome for a in delivery.attempts} == {publisher_pb2.ATTEMPT_OUTCOME_FAILED}
+    assert "UNAVAILABLE" in delivery.last_error
+    assert not delivery.HasField("next_attempt_at")
+
+
+async def test_a_subscriber_that_rejects_the_signature_is_retried_and_the_log_says_why(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    subscriber.fail_with = grpc.StatusCode.UNAUTHENTICATED
+    await register(stub, f"127.0.0.1:{subscriber.port}", retry_schedule=schedule(0.1, 0.2))
+    emitted = await emit(stub)
+    delivery = await delivery_in(stub, emitted.event_id, FAILED)
+    assert len(subscriber.received) == 3
+    assert all("check its secret" in a.error for a in delivery.attempts)
+    assert {a.status_code for a in delivery.attempts} == {grpc.StatusCode.UNAUTHENTICATED.value[0]}
+
+
+async def test_an_attempt_past_its_deadline_is_logged_as_uncertain(
+    start_publisher: StartPublisher, subscriber: FakeSubscriber
+) -> None:
+    app = await start_publisher(delivery_timeout=0.3)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub: Stub = publisher_pb2_grpc.PublisherServiceStub(channel)  # type: ignore[assignment]
+        subscriber.hang = 2.0
+        await register(stub, f"127.0.0.1:{subscriber.port}", retry_schedule=schedule(30))
+        emitted = await emit(stub)
+
+        async def uncertain() -> bool:
+            delivery = await only_delivery(stub, emitted.event_id)
+            return [a.outcome for a in delivery.attempts] == [
+                publisher_pb2.ATTEMPT_OUTCOME_UNCERTAIN
+            ]
+
+        await eventually(uncertain, what="an uncertain attempt")
+        delivery = await only_delivery(stub, emitted.event_id)
+        assert delivery.state == PENDING
+        assert "DEADLINE_EXCEEDED" in delivery.attempts[0].error
+
+
+async def test_redeliver_sends_the_same_event_again_with_a_new_attempt_number(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    await register(stub, f"127.0.0.1:{subscriber.port}")
+    emitted = await emit(stub)
+    delivery = await delivery_in(stub, emitted.event_id, DELIVERED)
+    await stub.Redeliver(publisher_pb2.RedeliverRequest(delivery_id=delivery.id))
+
+    await eventually(lambda: _async(len(subscriber.received) == 2), what="second receipt")
+    assert subscriber.event_ids() == [emitted.event_id, emitted.event_id]
+    assert [r.request.attempt for r in subscriber.received] == [1, 2]
+    again = await delivery_in(stub, emitted.event_id, DELIVERED)
+    assert again.attempt_count == 2
+
+
+async def test_emit_batch_commits_every_event_and_answers_in_order(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    await register(stub, f"127.0.0.1:{subscriber.port}")
+    requests = [
+        publisher_pb2.EmitRequest(type=f"order.n{i}", payload=b"{}", idempotency_key=f"b{i}")
+        for i in range(5)
+    ]
+    response = await stub.EmitBatch(publisher_pb2.EmitBatchRequest(events=requests))
+    assert [r.delivery_count for r in response.results] == [1] * 5
+    for index, result in enumerate(response.results):
+        event = await stub.GetEvent(publisher_pb2.GetEventRequest(event_id=result.event_id))
+        assert event.event.type == f"order.n{index}"
+    await eventually(lambda: _async(len(subscriber.received) == 5), what="five receipts")
+
+
+async def test_a_bad_event_in_a_batch_writes_none_of_it(stub: Stub) -> None:
+    requests = [
+        publisher_pb2.EmitRequest(type="ok.one", payload=b"{}", idempotency_key="x1"),
+        publisher_pb2.EmitRequest(type="", payload=b"{}", idempotency_key="x2"),
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EmitBatch(publisher_pb2.EmitBatchRequest(events=requests))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events[1].type" in (caught.value.details() or "")
+    first = await emit(stub, "ok.one", idempotency_key="x1")
+    assert not first.duplicate
+
+
+async def test_subscribers_can_be_read_listed_updated_and_deleted(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    endpoint = f"127.0.0.1:{subscriber.port}"
+    created = [(await register(stub, endpoint, name=f"s{i}")).subscriber for i in range(3)]
+    page = await stub.ListSubscribers(publisher_pb2.ListSubscribersRequest(page_size=2))
+    rest = await stub.ListSubscribers(
+        publisher_pb2.ListSubscribersRequest(page_size=2, page_token=page.next_page_token)
+    )
+    listed = [s.id for s in page.subscribers] + [s.id for s in rest.subscribers]
+    assert listed == [s.id for s in created]
+    assert rest.next_page_token == ""
+
+    updated = await stub.UpdateSubscriber(
+        publisher_pb2.UpdateSubscriberRequest(
+            subscriber=publisher_pb2.Subscriber(id=created[0].id, name="renamed", event_types=["a.*"]),
+            update_mask=field_mask_pb2.FieldMask(paths=["name", "event_types"]),
+        )
+    )
+    assert updated.subscriber.name == "renamed"
+    assert list(updated.subscriber.event_types) == ["a.*"]
+    assert updated.subscriber.endpoint == endpoint
+
+    emitted = await emit(stub, "b.thing")
+    assert emitted.delivery_count == 2
+    await stub.DeleteSubscriber(publisher_pb2.DeleteSubscriberRequest(subscriber_id=created[1].id))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSubscriber(publisher_pb2.GetSubscriberRequest(subscriber_id=created[1].id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest(event_id=emitted.event_id))
+    assert [d.subscriber_id for d in listing.deliveries] == [created[2].id]
+
+
+async def test_a_generated_secret_is_returned_and_a_given_one_is_kept(
+    stub: Stub, subscriber: FakeSubscriber
+) -> None:
+    generated = await register(stub, f"127.0.0.1:{subscriber.port}")
+    assert generated.secret.startswith("whsec_")
+    own = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
+    given = await register(stub, f"127.0.0.1:{subscriber.port}", secret=own)
+    assert given.secret == own
+    fetched = await stub.GetSubscriber(
+        publisher_pb2.GetSubscriberRequest(subscriber_id=given.subscriber.id)
+    )
+    assert fetched.subscriber.name == "test"
+    assert len(fetched.subscriber.retry_schedule) == 5
+
+
+async def test_second_publisher_on_the_same_sqlite_file_is_refused(
+    database_url: str, publisher: PublisherApp
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the embedded-mode lock is for SQLite")
+    from publisher.app import AlreadyRunning
+    from publisher.settings import Settings
+
+    second = PublisherApp(Settings(port=0, database_url=database_url))
+    with pytest.raises(AlreadyRunning, match="PostgreSQL"):
+        await second.start()

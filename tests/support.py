@@ -1,0 +1,158 @@
+"""Test helpers: waiting with a deadline, a programmable gRPC subscriber, process control."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import jwt
+
+from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
+
+T = TypeVar("T")
+
+DEFAULT_DEADLINE = 20.0
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, deadline: float = DEFAULT_DEADLINE, what: str = ""
+) -> T:
+    """Polls ``check`` until it returns something truthy; fails the test at the deadline."""
+    end = time.monotonic() + deadline
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {deadline}s: {what or check!r}; last={last!r}")
+        await asyncio.sleep(0.02)
+
+
+def key_of(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+@dataclass
+class Received:
+    request: subscriber_pb2.ReceiveRequest
+    metadata: dict[str, str]
+
+
+@dataclass
+class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
+    """A real gRPC subscriber on port 0 whose answers a test can script.
+
+    ``fail_with`` makes Receive answer that status; ``hang`` makes it wait
+    (after recording) before answering, to simulate a slow subscriber.
+    """
+
+    fail_with: grpc.StatusCode | None = None
+    hang: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    port: int = 0
+    _server: grpc.aio.Server | None = None
+
+    async def Receive(
+        self, request: subscriber_pb2.ReceiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> subscriber_pb2.ReceiveResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        self.received.append(Received(request, metadata))
+        if self.hang:
+            await asyncio.sleep(self.hang)
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, "scripted failure")
+        return subscriber_pb2.ReceiveResponse()
+
+    def event_ids(self) -> list[str]:
+        return [r.request.event.id for r in self.received]
+
+    async def start(self, port: int = 0) -> str:
+        server = grpc.aio.server()
+        subscriber_pb2_grpc.add_SubscriberServiceServicer_to_server(self, server)
+        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        self._server = server
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+            self._server = None
+
+
+def claims_of(received: Received, secret: str, audience: str) -> dict[str, Any]:
+    """Verifies a delivery's JWT with PyJWT and nothing of ours, and returns its claims."""
+    token = received.metadata["authorization"].removeprefix("Bearer ")
+    claims: dict[str, Any] = jwt.decode(
+        token, key_of(secret), algorithms=["HS256"], audience=audience
+    )
+    return claims
+
+
+class Process:
+    """A service started as a real process, read through its JSON log lines on stderr."""
+
+    def __init__(self, module: str, args: list[str], cwd: str, env: dict[str, str] | None = None):
+        self.module = module
+        self.args = args
+        self.lines: list[dict[str, Any]] = []
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            text=True,
+        )
+        self._reader = asyncio.get_running_loop().run_in_executor(None, self._read)
+
+    def _read(self) -> None:
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"event": "text", "text": line.rstrip()})
+
+    async def logged(self, event: str, deadline: float = DEFAULT_DEADLINE) -> dict[str, Any]:
+        async def find() -> dict[str, Any] | None:
+            if self._proc.poll() is not None and not any(
+                line.get("event") == event for line in self.lines
+            ):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5)
+                raise AssertionError(f"{self.module} exited with {self._proc.returncode}: {self.lines}")
+            return next((line for line in self.lines if line.get("event") == event), None)
+
+        return await eventually(find, deadline=deadline, what=f"{self.module} logs {event!r}")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def kill(self) -> None:
+        self._proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, deadline: float = 30.0) -> int:
+        """SIGTERM, then the exit code (SIGKILL if it does not stop in time)."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(self._proc.wait), deadline)
+        except TimeoutError:
+            self._proc.kill()
+            code = await asyncio.to_thread(self._proc.wait)
+        await asyncio.wait_for(asyncio.shield(self._reader), 5)
+        return code
