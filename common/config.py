@@ -14,7 +14,7 @@ def env_name(flag: str) -> str:
 
 
 def add(
-    parser: argparse.ArgumentParser, flag: str, default: str | None, help: str, **kwargs: Any
+    parser: argparse._ActionsContainer, flag: str, default: str | None, help: str, **kwargs: Any
 ) -> None:
     """A flag whose default comes from its environment variable, then from ``default``."""
     name = env_name(flag)
@@ -48,6 +48,7 @@ def list_value(args: argparse.Namespace, flag: str) -> list[str]:
 def host_port(value: str, flag: str) -> tuple[str, int]:
     """Splits ``HOST:PORT`` (``[::1]:PORT`` for IPv6), or exits with a message naming the flag."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise SystemExit(f"{flag}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise SystemExit(f"{flag}: expected HOST:PORT with a port up to 65535, got {value!r}")
+    return host, int(port)

@@ -20,7 +20,10 @@ _Pending = tuple[Sequence[T], "asyncio.Future[list[R]]"]
 
 
 class GroupCommit(Generic[T, R]):
-    """Feeds submitted items to ``write`` in batches of up to ``max_items``.
+    """Feeds submitted items to ``write`` in batches of about ``max_items``.
+
+    A batch stops growing once it holds ``max_items``; the submission that
+    crosses the mark goes in whole.
 
     ``write`` gets the items of one or more submissions and returns one result
     per item, in order. If it raises, every submission of that batch gets the

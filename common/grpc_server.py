@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -21,6 +22,14 @@ GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+class Health(Protocol):
+    """The parts of grpc_health's asyncio servicer we use (its stubs predate it)."""
+
+    async def set(self, service: str, status: int) -> None: ...
+
+    async def enter_graceful_shutdown(self) -> None: ...
+
+
 def create_server() -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=[errors.ErrorInterceptor()],
@@ -31,15 +40,19 @@ def create_server() -> grpc.aio.Server:
     )
 
 
-def add_health_and_reflection(
+async def add_health_and_reflection(
     server: grpc.aio.Server, services: Sequence[descriptor.ServiceDescriptor]
-) -> health.HealthServicer:
-    """Serves grpc.health.v1 and reflection for ``services``; all start SERVING."""
-    health_servicer = health.HealthServicer()
+) -> Health:
+    """Serves grpc.health.v1 and reflection for ``services``; all start SERVING.
+
+    ``enter_graceful_shutdown()`` on the returned servicer turns every status to
+    NOT_SERVING, so load balancers stop sending before the server stops.
+    """
+    health_servicer: Health = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [service.full_name for service in services]
     for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [
             *names,

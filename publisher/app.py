@@ -13,10 +13,12 @@ from sqlalchemy.engine import make_url
 
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import model, ssrf
+from publisher import mailer, migrate, model, ssrf
 from publisher.dispatcher import Dispatcher
 from publisher.grpc_transport import GrpcTransport
 from publisher.http_transport import HttpTransport
+from publisher.notifier import Notifier
+from publisher.periodic import Periodic
 from publisher.servicer import PublisherServicer
 from publisher.settings import Settings
 from publisher.store import Store
@@ -40,6 +42,8 @@ class PublisherApp:
         self._dispatcher: Dispatcher | None = None
         self._transports: dict[model.Protocol, Transport] = {}
         self._stopped = False
+        self._periodic: list[Periodic] = []
+        self._health: grpc_server.Health | None = None
 
     @property
     def address(self) -> str:
@@ -57,8 +61,14 @@ class PublisherApp:
                     "publisher; to run several replicas, point them all at one PostgreSQL "
                     "database with --database-url postgresql://..."
                 )
+        try:
+            # The embedded default creates its database; a shared one is migrated on purpose.
+            await migrate.ensure_current(settings.database_url, create_if_empty=path is not None)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         store = self._store = Store(db.create_engine(settings.database_url))
-        await store.create_schema()
         if path is not None:
             # This process holds the file lock, so every lease left in it belongs to a dead run.
             reclaimed = await store.reclaim_all()
@@ -79,21 +89,36 @@ class PublisherApp:
             claim_batch=settings.claim_batch,
         )
         store.on_new_work = dispatcher.wake
+        notifier = Notifier(
+            store,
+            mailer.Mailer(settings.smtp),
+            publisher_name=settings.issuer,
+            window=settings.notify_window,
+            disable_after=settings.disable_after,
+        )
+        self._periodic = [Periodic("notifier", settings.notify_interval, notifier.run_once)]
+        if settings.reconcile_interval > 0:
+            self._periodic.append(
+                Periodic("reconciler", settings.reconcile_interval, store.make_doubtful_due)
+            )
         server = self._server = grpc_server.create_server()
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
             PublisherServicer(
                 store,
+                issuer=settings.issuer,
                 max_payload_bytes=settings.max_payload_bytes,
                 check_url=guard.check_registration,
             ),
             server,
         )
-        grpc_server.add_health_and_reflection(
+        self._health = await grpc_server.add_health_and_reflection(
             server, [publisher_pb2.DESCRIPTOR.services_by_name["PublisherService"]]
         )
         self.port = grpc_server.bind(server, settings.host, settings.port)
         await server.start()
         dispatcher.start()
+        for job in self._periodic:
+            job.start()
         log.event(logger, "serving", grpc=self.address, database=_safe_url(settings.database_url))
 
     async def stop(self) -> None:
@@ -102,8 +127,12 @@ class PublisherApp:
             return
         self._stopped = True
         log.event(logger, "stopping")
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grpc_server.GRACE_SECONDS)
+        for job in self._periodic:
+            await job.stop()
         if self._dispatcher is not None:
             await self._dispatcher.stop(grpc_server.GRACE_SECONDS)
         for transport in self._transports.values():

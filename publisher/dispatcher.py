@@ -1,5 +1,11 @@
 """The dispatcher: claims due deliveries, sends them, and has their outcomes recorded.
 
+Before it guesses, it asks: an attempt whose outcome is uncertain, a resend
+after such an attempt, and the last attempt of a schedule are each followed or
+preceded by a status question to the subscriber (GetStatus, or the HTTP status
+URL). If the subscriber already has the event, the delivery is confirmed
+instead of sent again or dead-lettered.
+
 It sleeps until the store says there is new work (an Emit committed, an outcome
 scheduled a retry) or the earliest pending delivery comes due, so the happy
 path has no poll interval. Sends run concurrently up to ``max_in_flight``; each
@@ -141,11 +147,12 @@ class Dispatcher:
             keys=(signing.secret_key(subscriber.secret),),
             issuer=self._issuer,
             timeout=self._timeout,
+            status_url=subscriber.spec.status_url,
         )
         started = self._now()
         clock = time.monotonic()
         try:
-            result = await self._transports[subscriber.spec.protocol].send(attempt)
+            result = await self._attempt(self._transports[subscriber.spec.protocol], attempt, claim)
         except Exception as error:  # A transport bug must not lose the delivery.
             logger.exception("transport raised")
             result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
@@ -155,6 +162,23 @@ class Dispatcher:
         except Exception:
             # The lease runs out and the delivery comes due again: nothing is lost.
             logger.exception("recording an outcome failed", extra={"delivery": claim.delivery_id})
+
+    async def _attempt(
+        self, transport: tx.Transport, attempt: tx.Attempt, claim: model.Claim
+    ) -> tx.Result:
+        """Sends, asking the subscriber first or afterwards where guessing could be wrong."""
+        resend = claim.last_outcome == tx.Outcome.UNCERTAIN.value
+        if resend and await transport.status(attempt) == tx.Receipt.HAS_IT:
+            return _confirmed("the previous attempt had arrived")
+        result = await transport.send(attempt)
+        if result.outcome == tx.Outcome.DELIVERED:
+            return result
+        schedule = claim.subscriber.spec.retry_schedule or retry.DEFAULT_SCHEDULE
+        in_doubt = result.outcome == tx.Outcome.UNCERTAIN
+        last = retry.is_last(schedule, claim.attempts_in_round)
+        if (in_doubt or last) and await transport.status(attempt) == tx.Receipt.HAS_IT:
+            return _confirmed(result.error, result.status_code)
+        return result
 
     def _decide(
         self, claim: model.Claim, result: tx.Result, started: float, duration: float
@@ -208,3 +232,11 @@ class Dispatcher:
             disable_reason=disable_reason,
             subscriber_id=claim.subscriber.id,
         )
+
+
+def _confirmed(after: str, status_code: int = 0) -> tx.Result:
+    return tx.Result(
+        tx.Outcome.CONFIRMED,
+        status_code=status_code,
+        error=tx.excerpt(f"confirmed by status: the subscriber has the event ({after})"),
+    )

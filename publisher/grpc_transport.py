@@ -82,6 +82,29 @@ class GrpcTransport:
             return classify(error.code(), error.details() or "")
         return tx.Result(tx.Outcome.DELIVERED, status_code=grpc.StatusCode.OK.value[0])
 
+    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
+        # Signed like a delivery, over an empty body, so the subscriber knows who asks.
+        token = signing.sign_delivery(
+            attempt.keys[0],
+            issuer=attempt.issuer,
+            audience=attempt.subscriber_id,
+            event_id=attempt.event_id,
+            event_type=attempt.event_type,
+            attempt=attempt.attempt,
+            payload=b"",
+            now=self._now(),
+        )
+        try:
+            response = await self._stub(attempt.endpoint).GetStatus(
+                subscriber_pb2.GetStatusRequest(event_id=attempt.event_id),
+                timeout=min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        except grpc.aio.AioRpcError:
+            return tx.Receipt.UNANSWERED
+        name = subscriber_pb2.ReceiptState.Name(response.state)
+        return tx.receipt_of(name.removeprefix("RECEIPT_STATE_").lower())
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import importlib.metadata
+import json
 import math
 import time
 import urllib.parse
@@ -136,6 +137,7 @@ class HttpTransport:
     def _headers(self, attempt: tx.Attempt, body: bytes, content_type: str) -> dict[str, str]:
         now = self._now()
         timestamp = int(now)
+        # The JWT binds the event's payload, as on gRPC, whatever body format carries it.
         token = signing.sign_delivery(
             attempt.keys[0],
             issuer=attempt.issuer,
@@ -143,7 +145,7 @@ class HttpTransport:
             event_id=attempt.event_id,
             event_type=attempt.event_type,
             attempt=attempt.attempt,
-            payload=body,
+            payload=attempt.payload,
             now=now,
         )
         return {
@@ -199,6 +201,44 @@ class HttpTransport:
                     break
                 body += chunk
         return bytes(body)
+
+    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
+        """GETs the subscriber's status URL, signed like a delivery over an empty body."""
+        if not attempt.status_url:
+            return tx.Receipt.UNANSWERED
+        event_id = urllib.parse.quote(attempt.event_id, safe="")
+        token = signing.sign_delivery(
+            attempt.keys[0],
+            issuer=attempt.issuer,
+            audience=attempt.subscriber_id,
+            event_id=attempt.event_id,
+            event_type=attempt.event_type,
+            attempt=attempt.attempt,
+            payload=b"",
+            now=self._now(),
+        )
+        try:
+            url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
+            if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
+                await self._guard.resolve(url.raw_host, url.port)
+            async with self._client().get(
+                url,
+                headers={"authorization": f"Bearer {token}", "user-agent": USER_AGENT},
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS),
+                    sock_connect=self._connect_timeout,
+                ),
+            ) as response:
+                if response.status == 404:
+                    return tx.Receipt.MISSING
+                if response.status != 200:
+                    return tx.Receipt.UNANSWERED
+                answer = json.loads(await self._read_capped(response))
+        except (ssrf.Refused, ValueError, aiohttp.ClientError, OSError, TimeoutError):
+            return tx.Receipt.UNANSWERED
+        state = answer.get("state") if isinstance(answer, dict) else None
+        return tx.receipt_of(state) if isinstance(state, str) else tx.Receipt.UNANSWERED
 
     def _describe(self, error: BaseException, attempt: tx.Attempt) -> str:
         if isinstance(error, aiohttp.ConnectionTimeoutError):

@@ -15,7 +15,7 @@ def type_problem(event_type: str) -> str | None:
         return "must not be empty"
     if len(event_type) > MAX_TYPE_LENGTH:
         return f"longer than {MAX_TYPE_LENGTH} characters"
-    if not _TYPE.match(event_type):
+    if not _TYPE.fullmatch(event_type):
         return "must be dot-separated names of letters, digits, '_' or '-'"
     return None
 

@@ -58,6 +58,8 @@ class Subscriber:
     state_reason: str
     created_at: float
     updated_at: float
+    # When it started failing without a success since (None while healthy).
+    failing_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,5 +125,19 @@ class Claim:
     attempt: int
     attempts_in_round: int
     round_started_at: float
+    # The outcome of the attempt before this one ("" for the first).
+    last_outcome: str
     event: Event
     subscriber: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery whose retries ran out, as a person is told about it."""
+
+    delivery_id: str
+    event_id: str
+    event_type: str
+    attempts: int
+    last_error: str
+    failed_at: float

@@ -5,9 +5,9 @@ A schedule is a list of offsets measured from the first attempt of a round
 attempt, so the number of attempts is always ``len(schedule) + 1``; if the
 publisher was down past several slots, the overdue ones run at once rather
 than being skipped, and the last slot is still the maximum the schedule aims
-for. Jitter moves a retry by up to a tenth of the gap to the slot before it, so
-a burst of failures does not come back as one burst, and never past the last
-slot.
+for. Jitter moves a retry by up to a tenth of the gaps to its neighbouring
+slots, so a burst of failures does not come back as one burst, and never past
+the last slot.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def validate(schedule: Sequence[float]) -> str | None:
     """What is wrong with a custom schedule, or None when it is usable."""
     previous = 0.0
     for index, offset in enumerate(schedule):
-        if offset <= 0:
+        if not offset > 0:  # also catches NaN
             return f"[{index}] must be positive"
         if offset <= previous:
             return f"[{index}] must be later than the one before (offsets count from the first)"
@@ -31,6 +31,11 @@ def validate(schedule: Sequence[float]) -> str | None:
             return f"[{index}] exceeds the maximum of {MAX_OFFSET:.0f} s"
         previous = offset
     return None
+
+
+def is_last(schedule: Sequence[float], attempts_in_round: int) -> bool:
+    """Whether the attempt numbered ``attempts_in_round`` is the schedule's last."""
+    return attempts_in_round > len(schedule)
 
 
 def next_attempt_at(
@@ -53,7 +58,11 @@ def next_attempt_at(
     if slot >= len(schedule):
         return None
     previous = schedule[slot - 1] if slot > 0 else 0.0
-    spread = (2.0 * jitter - 1.0) * JITTER_FRACTION * (schedule[slot] - previous)
+    gap = schedule[slot] - previous
+    if slot + 1 < len(schedule):
+        # Bounded by the next gap too, so that jitter never swaps two slots.
+        gap = min(gap, schedule[slot + 1] - schedule[slot])
+    spread = (2.0 * jitter - 1.0) * JITTER_FRACTION * gap
     last = round_started_at + schedule[-1]
     when = min(round_started_at + schedule[slot] + spread, last)
     if retry_after is not None and retry_after > 0:

@@ -29,6 +29,12 @@ subscribers = sa.Table(
     sa.Column("state_reason", sa.Text, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
+    # Set by the first failure after a success; a subscriber failing for too long is disabled.
+    sa.Column("failing_since", sa.Double, nullable=True),
+    # When the last dead-letter digest went out: at most one per notify window.
+    sa.Column("last_notified_at", sa.Double, nullable=True),
+    # Disabled automatically, and the people have not been told yet.
+    sa.Column("disable_notice_due", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 events = sa.Table(
@@ -66,6 +72,10 @@ deliveries = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
     sa.Column("last_error", sa.Text, nullable=False),
+    # The outcome of the latest attempt; "uncertain" ones are asked about before a resend.
+    sa.Column("last_outcome", sa.String(10), nullable=False, server_default=""),
+    # When a failed (dead-lettered) delivery was included in an email; NULL = not yet.
+    sa.Column("notified_at", sa.Double, nullable=True),
     sa.Index(
         "ix_deliveries_due",
         "next_attempt_at",
@@ -74,6 +84,12 @@ deliveries = sa.Table(
     ),
     sa.Index("ix_deliveries_event", "event_id"),
     sa.Index("ix_deliveries_subscriber_state", "subscriber_id", "state"),
+    sa.Index(
+        "ix_deliveries_unnotified",
+        "subscriber_id",
+        sqlite_where=sa.text("state = 'failed' AND notified_at IS NULL"),
+        postgresql_where=sa.text("state = 'failed' AND notified_at IS NULL"),
+    ),
 )
 
 attempts = sa.Table(

@@ -13,6 +13,7 @@ from typing import Any
 import grpc.aio
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from common import signing
 from common.gen.webhooks.v1 import event_pb2, publisher_pb2, publisher_pb2_grpc
 from publisher import model, validation
 from publisher.store import Store
@@ -27,8 +28,16 @@ async def _no_check(url: str, field: str) -> None:
 
 
 class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
-    def __init__(self, store: Store, *, max_payload_bytes: int, check_url: UrlCheck = _no_check):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        issuer: str,
+        max_payload_bytes: int,
+        check_url: UrlCheck = _no_check,
+    ) -> None:
         self._store = store
+        self._issuer = issuer
         self._max_payload = max_payload_bytes
         self._check_url = check_url
 
@@ -157,6 +166,33 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         delivery_id = validation.required_id(request.delivery_id, "delivery_id")
         delivery = await self._store.redeliver(delivery_id)
         return publisher_pb2.RedeliverResponse(delivery=_delivery(delivery))
+
+    async def ReplayDeliveries(
+        self, request: publisher_pb2.ReplayDeliveriesRequest, context: Context
+    ) -> publisher_pb2.ReplayDeliveriesResponse:
+        patterns = validation.replay_filter(request.subscriber_id, request.event_types)
+        since = request.since.ToNanoseconds() / 1e9
+        count = await self._store.replay(request.subscriber_id, since, patterns)
+        return publisher_pb2.ReplayDeliveriesResponse(requeued_count=count)
+
+    async def ListEvents(
+        self, request: publisher_pb2.ListEventsRequest, context: Context
+    ) -> publisher_pb2.ListEventsResponse:
+        subscriber_id = validation.required_id(request.subscriber_id, "subscriber_id")
+        after = validation.cursor(request.cursor)
+        limit = validation.page_size(request.page_size)
+        subscriber = await self._store.get_subscriber(subscriber_id)
+        metadata = dict(context.invocation_metadata() or ())
+        signing.verify_catch_up(
+            signing.bearer_token(str(metadata.get("authorization", ""))),
+            signing.secret_key(subscriber.secret),
+            subscriber_id=subscriber_id,
+            audience=self._issuer,
+        )
+        found, last = await self._store.events_for(subscriber_id, after, limit)
+        return publisher_pb2.ListEventsResponse(
+            events=[_event(e) for e in found], next_cursor=str(last)
+        )
 
     async def _check_reachable(self, spec: model.SubscriberSpec) -> None:
         if spec.protocol == model.Protocol.HTTP:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common import config
+from publisher import mailer
 
 DEFAULT_ISSUER = "grpc-webhooks"
 
@@ -24,6 +25,15 @@ class Settings:
     claim_batch: int = 256
     # CIDRs the SSRF guard lets HTTP deliveries reach although they are not public.
     allow_cidrs: tuple[str, ...] = field(default=())
+    smtp: mailer.SmtpSettings = field(default_factory=mailer.SmtpSettings)
+    # Seconds between rounds of the notifier (dead-letter digests, automatic disabling).
+    notify_interval: float = 30.0
+    # At most one dead-letter digest per subscriber per this many seconds.
+    notify_window: float = 3600.0
+    # Disable a subscriber after this many seconds of nothing but failures (0 = never).
+    disable_after: float = 5 * 24 * 3600.0
+    # Seconds between sweeps that ask subscribers about uncertain attempts (0 = off).
+    reconcile_interval: float = 0.0
     log_level: str = "INFO"
 
 
@@ -40,6 +50,20 @@ def parser() -> argparse.ArgumentParser:
     config.add(p, "--max-in-flight", "256", "deliveries sent at the same time")
     config.add(p, "--claim-batch", "256", "deliveries claimed per database round trip")
     config.add_list(p, "--allow-cidr", "non-public range HTTP deliveries may reach (SSRF guard)")
+    config.add(p, "--reconcile-interval", "60", "seconds between uncertain-delivery sweeps, 0=off")
+    mail = p.add_argument_group("email to people when deliveries fail")
+    config.add(mail, "--smtp-host", "", "SMTP server; empty disables email")
+    config.add(mail, "--smtp-port", "25", "SMTP port")
+    config.add(mail, "--smtp-from", "grpc-webhooks@localhost", "sender address")
+    config.add(
+        mail, "--smtp-security", "none", "none, starttls or tls", choices=mailer.SECURITY_MODES
+    )
+    config.add(mail, "--smtp-username", "", "SMTP login (optional)")
+    config.add(mail, "--smtp-password", "", "SMTP password (optional)")
+    config.add(mail, "--operator-email", "", "operators' address, copied on every email")
+    config.add(mail, "--notify-interval", "30", "seconds between notifier rounds")
+    config.add(mail, "--notify-window", "3600", "at most one digest per subscriber per window (s)")
+    config.add(mail, "--disable-after", str(5 * 24 * 3600), "disable after failing this long (s)")
     config.add(p, "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -64,15 +88,42 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         max_in_flight=int(_positive(p, args.max_in_flight, "--max-in-flight")),
         claim_batch=int(_positive(p, args.claim_batch, "--claim-batch")),
         allow_cidrs=cidrs,
+        smtp=_smtp(p, args),
+        notify_interval=_positive(p, args.notify_interval, "--notify-interval"),
+        notify_window=_non_negative(p, args.notify_window, "--notify-window"),
+        disable_after=_non_negative(p, args.disable_after, "--disable-after"),
+        reconcile_interval=_non_negative(p, args.reconcile_interval, "--reconcile-interval"),
         log_level=args.log_level,
     )
 
 
+def _smtp(p: argparse.ArgumentParser, args: argparse.Namespace) -> mailer.SmtpSettings:
+    try:
+        return mailer.SmtpSettings(
+            host=args.smtp_host,
+            port=int(_positive(p, args.smtp_port, "--smtp-port")),
+            sender=args.smtp_from,
+            operator_email=args.operator_email,
+            security=args.smtp_security,
+            username=args.smtp_username,
+            password=args.smtp_password,
+        )
+    except ValueError as error:
+        p.error(f"SMTP settings: {error}")
+
+
 def _positive(p: argparse.ArgumentParser, value: str, flag: str) -> float:
+    number = _non_negative(p, value, flag)
+    if number == 0:
+        p.error(f"{flag}: must be positive")
+    return number
+
+
+def _non_negative(p: argparse.ArgumentParser, value: str, flag: str) -> float:
     try:
         number = float(value)
     except ValueError:
         p.error(f"{flag}: {value!r} is not a number")
-    if number <= 0:
-        p.error(f"{flag}: must be positive")
+    if not number >= 0 or number == float("inf"):
+        p.error(f"{flag}: must be a finite number, 0 or more")
     return number

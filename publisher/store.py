@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from common import errors
 from common.group_commit import GroupCommit
 from publisher import matching, model
-from publisher.schema import attempts, deliveries, events, metadata, subscribers
+from publisher.schema import attempts, deliveries, events, subscribers
 
 # Events per emit transaction; a batch emit of 1,000 still goes in one piece.
 MAX_EMIT_BATCH = 1000
@@ -71,10 +71,6 @@ class Store:
     def engine(self) -> AsyncEngine:
         return self._engine
 
-    async def create_schema(self) -> None:
-        async with self._engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-
     async def close(self) -> None:
         await self._emits.close()
         await self._records.close()
@@ -118,6 +114,7 @@ class Store:
         now = self._now()
         async with self._engine.begin() as conn:
             current = await _load_subscriber(conn, subscriber_id)
+            reactivated = state == model.SubscriberState.ACTIVE != current.state
             updated = model.Subscriber(
                 id=current.id,
                 spec=spec,
@@ -126,9 +123,13 @@ class Store:
                 state_reason=state_reason,
                 created_at=current.created_at,
                 updated_at=now,
+                # Re-enabling gives a fresh start before the failing period counts again.
+                failing_since=None if reactivated else current.failing_since,
             )
             row = _subscriber_row(updated)
             del row["id"]
+            if reactivated:
+                row["disable_notice_due"] = False
             await conn.execute(
                 subscribers.update().where(subscribers.c.id == subscriber_id).values(**row)
             )
@@ -174,10 +175,10 @@ class Store:
         known: dict[str, model.EmitResult] = {}
         if keys:
             known = await _known_keys(conn, keys)
+        # Paused and disabled subscribers get their deliveries too, held until they are
+        # active again: nothing they were meant to get is lost while they are off.
         targets = await conn.execute(
-            sa.select(subscribers.c.id, subscribers.c.event_types, subscribers.c.state).where(
-                subscribers.c.state != model.SubscriberState.DISABLED.value
-            )
+            sa.select(subscribers.c.id, subscribers.c.event_types, subscribers.c.state)
         )
         audience = [
             (row.id, tuple(json.loads(row.event_types)), row.state == model.SubscriberState.ACTIVE)
@@ -302,6 +303,7 @@ class Store:
                 deliveries.c.attempts,
                 deliveries.c.round_attempts,
                 deliveries.c.round_started_at,
+                deliveries.c.last_outcome,
             )
         )
         async with self._engine.begin() as conn:
@@ -332,6 +334,7 @@ class Store:
                     attempt=row.attempts,
                     attempts_in_round=row.round_attempts,
                     round_started_at=row.round_started_at,
+                    last_outcome=row.last_outcome,
                     event=_event(_prefixed(detail, "e_")),
                     subscriber=subscriber_cache[subscriber_id],
                 )
@@ -385,6 +388,7 @@ class Store:
                 next_attempt_at=sa.bindparam("b_next"),
                 lease_owner=None,
                 last_error=sa.bindparam("b_error"),
+                last_outcome=sa.bindparam("b_outcome"),
                 updated_at=now,
             )
         )
@@ -403,9 +407,30 @@ class Store:
             }
             for record in batch
         ]
+        healthy, failing = _health(batch)
         async with self._engine.begin() as conn:
             await conn.execute(log, params)
             await conn.execute(settle, params)
+            if healthy:
+                await conn.execute(
+                    subscribers.update()
+                    .where(
+                        subscribers.c.id == sa.bindparam("b_id"),
+                        subscribers.c.failing_since.is_not(None),
+                    )
+                    .values(failing_since=None),
+                    [{"b_id": subscriber_id} for subscriber_id in healthy],
+                )
+            if failing:
+                await conn.execute(
+                    subscribers.update()
+                    .where(
+                        subscribers.c.id == sa.bindparam("b_id"),
+                        subscribers.c.failing_since.is_(None),
+                    )
+                    .values(failing_since=now),
+                    [{"b_id": subscriber_id} for subscriber_id in failing],
+                )
             for record in batch:
                 if record.disable_reason:
                     await _disable(conn, record.subscriber_id, record.disable_reason, now)
@@ -452,8 +477,224 @@ class Store:
             )
         return None if value is None else float(value)
 
+    async def replay(self, subscriber_id: str, since: float, patterns: Sequence[str]) -> int:
+        """Queues many deliveries again at once, each with a fresh schedule.
+
+        Without ``patterns``: the failed deliveries of ``subscriber_id`` whose
+        events were created at or after ``since``. With ``patterns``: every
+        delivery of a matching event since then (of ``subscriber_id`` if given).
+        """
+        now = self._now()
+        query = (
+            sa.select(deliveries.c.id, events.c.type)
+            .select_from(deliveries.join(events))
+            .where(events.c.created_at >= since)
+        )
+        if subscriber_id:
+            query = query.where(deliveries.c.subscriber_id == subscriber_id)
+        if not patterns:
+            query = query.where(deliveries.c.state == model.DeliveryState.FAILED.value)
+        async with self._engine.begin() as conn:
+            if subscriber_id:
+                await _load_subscriber(conn, subscriber_id)
+            found = await conn.execute(query)
+            ids = [row.id for row in found if not patterns or matching.matches(patterns, row.type)]
+            active = sa.select(subscribers.c.id).where(
+                subscribers.c.state == model.SubscriberState.ACTIVE.value
+            )
+            for chunk in _chunks(ids, 500):
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(chunk))
+                    .values(
+                        state=sa.case(
+                            (deliveries.c.subscriber_id.in_(active), "pending"),
+                            else_=model.DeliveryState.HELD.value,
+                        ),
+                        round_attempts=0,
+                        round_started_at=None,
+                        next_attempt_at=now,
+                        lease_owner=None,
+                        notified_at=None,
+                        updated_at=now,
+                    )
+                )
+        if ids:
+            self.on_new_work()
+        return len(ids)
+
+    async def events_for(
+        self, subscriber_id: str, after_seq: int, limit: int
+    ) -> tuple[list[model.Event], int]:
+        """The catch-up feed: events ``subscriber_id`` has a delivery of, in emit order.
+
+        Returns the events after ``after_seq`` and the cursor to continue from.
+        """
+        query = (
+            sa.select(events)
+            .select_from(events.join(deliveries))
+            .where(deliveries.c.subscriber_id == subscriber_id, events.c.seq > after_seq)
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            await _load_subscriber(conn, subscriber_id)
+            rows = (await conn.execute(query)).all()
+        found = [_event(row._mapping) for row in rows]
+        return found, rows[-1].seq if rows else after_seq
+
+    async def make_doubtful_due(self) -> int:
+        """Brings deliveries whose last attempt was uncertain forward, to be asked about now."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.state == model.DeliveryState.PENDING.value,
+                    deliveries.c.last_outcome == "uncertain",
+                    deliveries.c.lease_owner.is_(None),
+                    deliveries.c.next_attempt_at > now,
+                )
+                .values(next_attempt_at=now)
+            )
+        if result.rowcount:
+            self.on_new_work()
+        return result.rowcount
+
+    # -- people at the end: dead-letter digests and automatic disabling ---------------------
+
+    async def subscribers_with_dead_letters(self, window: float) -> list[model.Subscriber]:
+        """Subscribers with failed deliveries nobody was told of, not emailed within ``window``."""
+        now = self._now()
+        unnotified = sa.select(deliveries.c.subscriber_id).where(
+            deliveries.c.state == model.DeliveryState.FAILED.value,
+            deliveries.c.notified_at.is_(None),
+        )
+        query = subscribers.select().where(
+            subscribers.c.id.in_(unnotified),
+            sa.or_(
+                subscribers.c.last_notified_at.is_(None),
+                subscribers.c.last_notified_at <= now - window,
+            ),
+        )
+        async with self._engine.connect() as conn:
+            return [_subscriber(row._mapping) for row in await conn.execute(query)]
+
+    async def take_notice_turn(self, subscriber_id: str, window: float) -> bool:
+        """Claims the right to email about ``subscriber_id`` now; only one replica wins."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                subscribers.update()
+                .where(
+                    subscribers.c.id == subscriber_id,
+                    sa.or_(
+                        subscribers.c.last_notified_at.is_(None),
+                        subscribers.c.last_notified_at <= now - window,
+                    ),
+                )
+                .values(last_notified_at=now)
+            )
+        return bool(result.rowcount)
+
+    async def give_back_notice_turn(self, subscriber_id: str) -> None:
+        """After a failed send: the turn was taken at least a window after the last email,
+        so clearing it lets the next round try again at once."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                subscribers.update()
+                .where(subscribers.c.id == subscriber_id)
+                .values(last_notified_at=None)
+            )
+
+    async def dead_letters(
+        self, subscriber_id: str, limit: int
+    ) -> tuple[list[model.DeadLetter], int]:
+        """Up to ``limit`` unnotified failed deliveries of a subscriber, and how many there are."""
+        where = (
+            deliveries.c.subscriber_id == subscriber_id,
+            deliveries.c.state == model.DeliveryState.FAILED.value,
+            deliveries.c.notified_at.is_(None),
+        )
+        async with self._engine.connect() as conn:
+            total = await conn.scalar(sa.select(sa.func.count()).where(*where))
+            rows = await conn.execute(
+                sa.select(deliveries, events.c.type.label("event_type"))
+                .select_from(deliveries.join(events))
+                .where(*where)
+                .order_by(deliveries.c.id)
+                .limit(limit)
+            )
+            letters = [
+                model.DeadLetter(
+                    delivery_id=row.id,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    attempts=row.attempts,
+                    last_error=row.last_error,
+                    failed_at=row.updated_at,
+                )
+                for row in rows
+            ]
+        return letters, int(total or 0)
+
+    async def mark_notified(self, delivery_ids: Sequence[str]) -> None:
+        now = self._now()
+        async with self._engine.begin() as conn:
+            for chunk in _chunks(list(delivery_ids), 500):
+                await conn.execute(
+                    deliveries.update().where(deliveries.c.id.in_(chunk)).values(notified_at=now)
+                )
+
+    async def disable_failing(self, failing_for: float) -> list[model.Subscriber]:
+        """Disables active subscribers that have only failed for ``failing_for`` seconds."""
+        now = self._now()
+        disabled = []
+        async with self._engine.begin() as conn:
+            rows = await conn.execute(
+                subscribers.select().where(
+                    subscribers.c.state == model.SubscriberState.ACTIVE.value,
+                    subscribers.c.failing_since <= now - failing_for,
+                )
+            )
+            for row in rows.all():
+                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.failing_since))
+                reason = f"disabled automatically: every delivery failed since {since}"
+                await _disable(conn, row.id, reason, now)
+                await conn.execute(
+                    subscribers.update()
+                    .where(subscribers.c.id == row.id)
+                    .values(disable_notice_due=True)
+                )
+                disabled.append(row.id)
+        return [await self.get_subscriber(subscriber_id) for subscriber_id in disabled]
+
+    async def disable_notices_due(self) -> list[model.Subscriber]:
+        query = subscribers.select().where(subscribers.c.disable_notice_due.is_(True))
+        async with self._engine.connect() as conn:
+            return [_subscriber(row._mapping) for row in await conn.execute(query)]
+
+    async def disable_notice_sent(self, subscriber_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                subscribers.update()
+                .where(subscribers.c.id == subscriber_id)
+                .values(disable_notice_due=False)
+            )
+
 
 # -- rows <-> records ------------------------------------------------------------------------
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _health(batch: Sequence[AttemptRecord]) -> tuple[set[str], set[str]]:
+    """Subscribers that just succeeded, and those that only failed, in this batch."""
+    healthy = {r.subscriber_id for r in batch if r.new_state == model.DeliveryState.DELIVERED}
+    failing = {r.subscriber_id for r in batch} - healthy
+    return healthy, failing
 
 
 def _new_delivery(event_id: str, subscriber_id: str, active: bool, now: float) -> dict[str, Any]:
@@ -471,6 +712,8 @@ def _new_delivery(event_id: str, subscriber_id: str, active: bool, now: float) -
         "created_at": now,
         "updated_at": now,
         "last_error": "",
+        "last_outcome": "",
+        "notified_at": None,
     }
 
 
@@ -562,6 +805,7 @@ def _subscriber_row(subscriber: model.Subscriber) -> dict[str, Any]:
         "state_reason": subscriber.state_reason,
         "created_at": subscriber.created_at,
         "updated_at": subscriber.updated_at,
+        "failing_since": subscriber.failing_since,
     }
 
 
@@ -583,6 +827,7 @@ def _subscriber(row: Any) -> model.Subscriber:
         state_reason=row["state_reason"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        failing_since=row["failing_since"],
     )
 
 

