@@ -42,5 +42,12 @@ check: lint typecheck buflint
 test: install check
 	$(BIN)/python -m pytest
 
+# Not part of `make test`: the full kill soak (2,000 events) and the benchmark.
+soak: install
+	$(BIN)/python -m tests.soak
+
+bench: install
+	$(BIN)/python -m tests.bench
+
 clean:
 	rm -rf $(VENV) common/gen .pytest_cache .mypy_cache .ruff_cache

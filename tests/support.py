@@ -23,6 +23,8 @@ from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
 T = TypeVar("T")
 
 DEFAULT_DEADLINE = 20.0
+# How long a lost Receive call keeps its caller waiting.
+LOST_CALL_SECONDS = 30.0
 
 
 async def eventually(
@@ -59,6 +61,10 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
 
     ``fail_with`` makes Receive answer that status; ``hang`` makes it wait
     (after recording) before answering, to simulate a slow subscriber.
+    ``fail_after_accepting`` stores the event before answering ``fail_with``, like a
+    subscriber that crashes between its commit and its answer; ``lose_next`` makes the
+    next calls arrive but never be stored nor answered in time, like a request lost in
+    the subscriber; ``calls`` keeps every Receive and GetStatus in the order they came.
     """
 
     fail_with: grpc.StatusCode | None = None
@@ -66,6 +72,9 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
     received: list[Received] = field(default_factory=list)
     status_asked: list[str] = field(default_factory=list)
     accepted: set[str] = field(default_factory=set)
+    fail_after_accepting: bool = False
+    lose_next: int = 0
+    calls: list[tuple[str, str]] = field(default_factory=list)
     port: int = 0
     _server: grpc.aio.Server | None = None
 
@@ -74,7 +83,13 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
     ) -> subscriber_pb2.ReceiveResponse:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         self.received.append(Received(request, metadata))
-        if self.fail_with is None:
+        self.calls.append(("receive", request.event.id))
+        if self.lose_next > 0:
+            self.lose_next -= 1
+            # Far past any deadline a test sets: the caller gives up without an answer.
+            await asyncio.sleep(LOST_CALL_SECONDS)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "lost")
+        if self.fail_with is None or self.fail_after_accepting:
             # Accepted durably before any hang: GetStatus then says RECEIVED.
             self.accepted.add(request.event.id)
         if self.hang:
@@ -88,6 +103,7 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
     ) -> subscriber_pb2.GetStatusResponse:
         """RECEIVED for an event Receive accepted (even if it then hung)."""
         self.status_asked.append(request.event_id)
+        self.calls.append(("status", request.event_id))
         if request.event_id in self.accepted:
             return subscriber_pb2.GetStatusResponse(state=subscriber_pb2.RECEIPT_STATE_RECEIVED)
         return subscriber_pb2.GetStatusResponse(state=subscriber_pb2.RECEIPT_STATE_UNKNOWN)
@@ -161,17 +177,24 @@ class Process:
     def pid(self) -> int:
         return self._proc.pid
 
-    def kill(self) -> None:
+    async def kill(self) -> int:
+        """SIGKILL: no chance to clean up, as when a machine dies."""
         self._proc.send_signal(signal.SIGKILL)
+        return await self._reap()
 
     async def stop(self, deadline: float = 30.0) -> int:
         """SIGTERM, then the exit code (SIGKILL if it does not stop in time)."""
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
         try:
-            code = await asyncio.wait_for(asyncio.to_thread(self._proc.wait), deadline)
+            await asyncio.wait_for(asyncio.to_thread(self._proc.wait), deadline)
         except TimeoutError:
             self._proc.kill()
-            code = await asyncio.to_thread(self._proc.wait)
+        return await self._reap()
+
+    async def _reap(self) -> int:
+        code = await asyncio.to_thread(self._proc.wait)
         await asyncio.wait_for(asyncio.shield(self._reader), 5)
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
         return code
