@@ -1,4 +1,4 @@
-"""The subscriber process: database, inbox, gRPC server and HTTP receiver, run as one."""
+"""The subscriber process: database, inbox, gRPC server, HTTP receiver and catch-up, run as one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
-from subscriber import handlers, http_receiver, inbox, servicer, settings, verifier
+from subscriber import catch_up, handlers, http_receiver, inbox, servicer, settings, verifier
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class SubscriberApp:
         self._server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._health: grpc_server.Health | None = None
+        self._catch_up: catch_up.CatchUp | None = None
 
     @property
     def inbox(self) -> inbox.Inbox:
@@ -86,17 +87,35 @@ class SubscriberApp:
             self.http_port = _bound_port(self._http)
             http_address = _address(http_host, self.http_port)
 
+        if config.catch_up is not None:
+            self._catch_up = catch_up.CatchUp(
+                target=config.catch_up.publisher,
+                issuer=config.catch_up.issuer,
+                subscriber_id=config.catch_up.subscriber_id,
+                # The publisher holds one secret per subscriber; rotation puts the new one first.
+                key=config.keys[0],
+                interval=config.catch_up.interval,
+                engine=self._engine,
+                store=self._inbox,
+                handler=self._handler,
+            )
+            await self._catch_up.start()
+
         log.event(
             logger,
             "serving",
             grpc=_address(grpc_host, self.grpc_port),
             http=http_address,
+            catch_up=None if config.catch_up is None else config.catch_up.publisher,
             database=_redacted(config.database_url),
         )
 
     async def stop(self) -> None:
-        """Stops taking calls, lets in-flight ones finish within the grace period, then flushes."""
+        """Stops pulling, then taking calls; in-flight work gets the grace period; then flushes."""
         log.event(logger, "stopping", grace_seconds=grpc_server.GRACE_SECONDS)
+        if self._catch_up is not None:
+            await self._catch_up.stop()
+            self._catch_up = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         closing = []
@@ -105,6 +124,7 @@ class SubscriberApp:
         if self._http is not None:
             closing.append(self._http.cleanup())
         await asyncio.gather(*closing)
+        await handlers.drain(grpc_server.GRACE_SECONDS)
         self._server = self._http = None
         if self._inbox is not None:
             await self._inbox.stop()

@@ -7,6 +7,7 @@ at, because a retry would only be absorbed as a duplicate.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,9 @@ from subscriber import inbox
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[inbox.Entry], Awaitable[None]]
+
+# Record-and-handle runs that outlive the call that started them (see record_and_run).
+_in_flight: set[asyncio.Task[bool]] = set()
 
 
 async def log_event(entry: inbox.Entry) -> None:
@@ -31,6 +35,37 @@ async def log_event(entry: inbox.Entry) -> None:
         delivery_id=entry.delivery_id,
         attempt=entry.attempt,
     )
+
+
+async def record_and_run(handler: Handler, store: inbox.Inbox, entry: inbox.Entry) -> bool:
+    """Records ``entry`` and runs ``handler`` if its event is new; True if it was new.
+
+    Every way an event arrives (pushed over gRPC or HTTP, pulled by catch-up)
+    goes through here, so that an event arriving several ways has one effect.
+    Raises what ``Inbox.record`` raises.
+
+    The work runs in its own task, shielded from the caller: a caller whose
+    deadline passes after the record committed must not cancel the handler, or
+    the event would stay "received" for good while every redelivery counts as
+    a duplicate. ``drain`` waits for such runs on shutdown.
+    """
+    task = asyncio.create_task(_record_then_run(handler, store, entry))
+    _in_flight.add(task)
+    task.add_done_callback(_in_flight.discard)
+    return await asyncio.shield(task)
+
+
+async def _record_then_run(handler: Handler, store: inbox.Inbox, entry: inbox.Entry) -> bool:
+    is_new = await store.record(entry)
+    if is_new:
+        await run(handler, store, entry)
+    return is_new
+
+
+async def drain(grace: float) -> None:
+    """Waits up to ``grace`` seconds for records and handlers still running."""
+    if _in_flight:
+        await asyncio.wait(set(_in_flight), timeout=grace)
 
 
 async def run(handler: Handler, store: inbox.Inbox, entry: inbox.Entry) -> None:

@@ -124,13 +124,11 @@ class _Routes:
             attempt=attempt,
         )
         try:
-            is_new = await self._store.record(entry)
+            is_new = await handlers.record_and_run(self._handler, self._store, entry)
         except inbox.Conflict:
             raise errors.AlreadyExists(
                 f"replay with a different body: event {event_id!r} was received before"
             ) from None
-        if is_new:
-            await handlers.run(self._handler, self._store, entry)
         return web.json_response({"event_id": event_id, "duplicate": not is_new})
 
     async def status(self, request: web.Request) -> web.Response:

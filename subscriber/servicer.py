@@ -57,9 +57,7 @@ class SubscriberServicer(subscriber_pb2_grpc.SubscriberServiceServicer):
             delivery_id=request.delivery_id,
             attempt=request.attempt,
         )
-        is_new = await self._store.record(entry)
-        if is_new:
-            await handlers.run(self._handler, self._store, entry)
+        is_new = await handlers.record_and_run(self._handler, self._store, entry)
         return subscriber_pb2.ReceiveResponse(duplicate=not is_new)
 
     async def GetStatus(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,6 +11,21 @@ from common import config, db, errors, signing
 from subscriber import verifier
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The publisher's own default --name, which its catch-up tokens must be addressed to.
+DEFAULT_PUBLISHER_NAME = "grpc-webhooks"
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Where to pull missed events from, and whose."""
+
+    # The publisher's gRPC HOST:PORT.
+    publisher: str
+    # The feed's subscriber: --audience, the id the publisher assigned.
+    subscriber_id: str
+    interval: float
+    # The publisher's name: the audience of the catch-up token.
+    issuer: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +41,8 @@ class Settings:
     allowlist: verifier.Allowlist
     timestamp_tolerance: float
     log_level: str
+    # None when catch-up is off.
+    catch_up: CatchUp | None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +72,23 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
     )
     config.add(parser, "--log-level", "INFO", "one of " + ", ".join(LOG_LEVELS), type=str.upper)
+    catch_up = parser.add_argument_group(
+        "catch-up: pull missed events from the publisher's ListEvents feed"
+    )
+    config.add(
+        catch_up,
+        "--catch-up-publisher",
+        "",
+        "publisher gRPC HOST:PORT to read this subscriber's feed from; empty: off "
+        "(needs --audience)",
+    )
+    config.add(catch_up, "--catch-up-interval", "30", "seconds between catch-up rounds", type=float)
+    config.add(
+        catch_up,
+        "--catch-up-issuer",
+        DEFAULT_PUBLISHER_NAME,
+        "the publisher's --name, the audience of the catch-up token",
+    )
     return parser
 
 
@@ -88,6 +123,26 @@ def parse(argv: Sequence[str]) -> Settings:
         if args.http_listen.strip().lower() == "off"
         else config.host_port(args.http_listen, "--http-listen")
     )
+    catch_up = None
+    if args.catch_up_publisher.strip():
+        publisher = args.catch_up_publisher.strip()
+        config.host_port(publisher, "--catch-up-publisher")
+        if not args.audience:
+            parser.error(
+                "--audience: required with --catch-up-publisher, "
+                "since the feed to read is that subscriber id's"
+            )
+        # Written as "not <" so that NaN is refused too; infinity would mean one round only.
+        if not 0 < args.catch_up_interval < math.inf:
+            parser.error("--catch-up-interval: must be a positive number of seconds")
+        if not args.catch_up_issuer.strip():
+            parser.error("--catch-up-issuer: must name the publisher")
+        catch_up = CatchUp(
+            publisher=publisher,
+            subscriber_id=args.audience,
+            interval=args.catch_up_interval,
+            issuer=args.catch_up_issuer.strip(),
+        )
     return Settings(
         listen=config.host_port(args.listen, "--listen"),
         http_listen=http_listen,
@@ -97,4 +152,5 @@ def parse(argv: Sequence[str]) -> Settings:
         allowlist=allowlist,
         timestamp_tolerance=args.timestamp_tolerance,
         log_level=args.log_level,
+        catch_up=catch_up,
     )

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
 from subscriber import app, handlers, inbox, settings
+from tests.support import eventually
 
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -357,6 +358,38 @@ async def test_handler_failure_marks_the_event_failed_but_acknowledges_the_deliv
         timeout=DEADLINE_SECONDS,
     )
     assert status.state == subscriber_pb2.RECEIPT_STATE_FAILED
+
+
+async def test_a_handler_slower_than_the_callers_deadline_still_runs_to_the_end(
+    start_subscriber: StartSubscriber, stub_for: Callable[[app.SubscriberApp], Stub]
+) -> None:
+    """The caller gives up after the record committed: the handler must still finish, or the
+    event would stay "received" while every redelivery is absorbed as a duplicate."""
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow(entry: inbox.Entry) -> None:
+        await release.wait()
+        finished.append(entry.event_id)
+
+    subscriber = await start_subscriber(handler=slow)
+    stub = stub_for(subscriber)
+    req = request("evt_slow")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Receive(req, metadata=bearer(token("evt_slow", req.event.payload)), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    release.set()
+
+    async def processed() -> bool:
+        status = await stub.GetStatus(
+            subscriber_pb2.GetStatusRequest(event_id="evt_slow"),
+            metadata=bearer(token("evt_slow", b"")),
+            timeout=DEADLINE_SECONDS,
+        )
+        return status.state == subscriber_pb2.RECEIPT_STATE_PROCESSED
+
+    await eventually(processed, what="the slow handler finished")
+    assert finished == ["evt_slow"]
 
 
 async def test_get_status_of_an_unseen_event_is_unknown_without_a_time(stub: Stub) -> None:
