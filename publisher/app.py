@@ -23,6 +23,7 @@ from publisher.servicer import PublisherServicer
 from publisher.settings import Settings
 from publisher.store import Store
 from publisher.transport import Transport
+from publisher.wakeup import PostgresWakeup
 
 logger = logging.getLogger("publisher")
 
@@ -43,6 +44,7 @@ class PublisherApp:
         self._transports: dict[model.Protocol, Transport] = {}
         self._stopped = False
         self._periodic: list[Periodic] = []
+        self._wakeup: PostgresWakeup | None = None
         self._health: grpc_server.Health | None = None
 
     @property
@@ -89,6 +91,9 @@ class PublisherApp:
             claim_batch=settings.claim_batch,
         )
         store.on_new_work = dispatcher.wake
+        if path is None:
+            self._wakeup = PostgresWakeup(settings.database_url, dispatcher.wake)
+            self._wakeup.start()
         notifier = Notifier(
             store,
             mailer.Mailer(settings.smtp),
@@ -133,6 +138,8 @@ class PublisherApp:
             await self._server.stop(grpc_server.GRACE_SECONDS)
         for job in self._periodic:
             await job.stop()
+        if self._wakeup is not None:
+            await self._wakeup.stop()
         if self._dispatcher is not None:
             await self._dispatcher.stop(grpc_server.GRACE_SECONDS)
         for transport in self._transports.values():

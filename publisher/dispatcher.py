@@ -32,7 +32,9 @@ logger = logging.getLogger("publisher.dispatcher")
 # Even with nothing due, look again this often: another replica may have left
 # work behind, or a clock may have jumped.
 IDLE_POLL_SECONDS = 1.0
-# A lease outlives the attempt's deadline by this much before others may take it.
+# A lease outlives the attempt's deadline by this much (or by twice the deadline,
+# if that is shorter) before other replicas may take the delivery: time
+# to ask for the status and record the outcome.
 LEASE_MARGIN_SECONDS = 10.0
 
 
@@ -66,7 +68,7 @@ class Dispatcher:
 
     @property
     def lease_seconds(self) -> float:
-        return self._timeout + LEASE_MARGIN_SECONDS
+        return self._timeout + min(LEASE_MARGIN_SECONDS, 2 * self._timeout)
 
     def wake(self) -> None:
         self._wakeup.set()

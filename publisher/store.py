@@ -28,6 +28,8 @@ MAX_EMIT_BATCH = 1000
 MAX_RECORD_BATCH = 1000
 # Transient conflicts (two replicas inserting one idempotency key) are retried this often.
 _EMIT_TRIES = 3
+# PostgreSQL channel that wakes other replicas when work becomes due (publisher.wakeup).
+NOTIFY_CHANNEL = "webhooks_new_work"
 
 
 def new_id(prefix: str) -> str:
@@ -58,6 +60,7 @@ class Store:
     def __init__(self, engine: AsyncEngine, *, now: Callable[[], float] = time.time) -> None:
         self._engine = engine
         self._now = now
+        self._postgres = engine.dialect.name == "postgresql"
         self._emits: GroupCommit[model.NewEvent, model.EmitResult] = GroupCommit(
             self._write_events, MAX_EMIT_BATCH
         )
@@ -70,6 +73,13 @@ class Store:
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    async def _announce(self, conn: AsyncConnection) -> None:
+        """Tells the other replicas, on commit, that deliveries became due (PostgreSQL only)."""
+        if self._postgres:
+            await conn.execute(
+                sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL}
+            )
 
     async def close(self) -> None:
         await self._emits.close()
@@ -135,7 +145,9 @@ class Store:
             )
             if current.state != state:
                 await _set_hold(conn, subscriber_id, hold=state != model.SubscriberState.ACTIVE)
-        if state == model.SubscriberState.ACTIVE:
+            if reactivated:
+                await self._announce(conn)
+        if reactivated:
             self.on_new_work()
         return updated
 
@@ -216,6 +228,7 @@ class Store:
             await conn.execute(events.insert(), event_rows)
         if delivery_rows:
             await conn.execute(deliveries.insert(), delivery_rows)
+            await self._announce(conn)
         return results
 
     async def get_event(self, event_id: str) -> model.Event:
@@ -266,6 +279,7 @@ class Store:
                 )
             )
             delivery = await _load_delivery(conn, delivery_id)
+            await self._announce(conn)
         self.on_new_work()
         return delivery
 
@@ -277,19 +291,9 @@ class Store:
         LOCKED lets replicas claim side by side without waiting on each other.
         """
         now = self._now()
-        due = (
-            sa.select(deliveries.c.id)
-            .where(
-                deliveries.c.state == model.DeliveryState.PENDING.value,
-                deliveries.c.next_attempt_at <= now,
-            )
-            .order_by(deliveries.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         lease = (
             deliveries.update()
-            .where(deliveries.c.id.in_(due.scalar_subquery()))
+            .where(deliveries.c.id.in_(due_query(now, limit).scalar_subquery()))
             .values(
                 attempts=deliveries.c.attempts + 1,
                 round_attempts=deliveries.c.round_attempts + 1,
@@ -519,6 +523,8 @@ class Store:
                         updated_at=now,
                     )
                 )
+            if ids:
+                await self._announce(conn)
         if ids:
             self.on_new_work()
         return len(ids)
@@ -557,6 +563,8 @@ class Store:
                 )
                 .values(next_attempt_at=now)
             )
+            if result.rowcount:
+                await self._announce(conn)
         if result.rowcount:
             self.on_new_work()
         return result.rowcount
@@ -681,6 +689,21 @@ class Store:
                 .where(subscribers.c.id == subscriber_id)
                 .values(disable_notice_due=False)
             )
+
+
+def due_query(now: float, limit: int) -> sa.Select[tuple[str]]:
+    """The oldest due pending deliveries, through the partial index ``ix_deliveries_due``:
+    its cost does not grow with the backlog. Rows another replica has locked are skipped."""
+    return (
+        sa.select(deliveries.c.id)
+        .where(
+            deliveries.c.state == model.DeliveryState.PENDING.value,
+            deliveries.c.next_attempt_at <= now,
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
 
 
 # -- rows <-> records ------------------------------------------------------------------------
