@@ -49,8 +49,9 @@ async def _mark_sent(
     context: SimpleNamespace,
     params: aiohttp.TraceRequestHeadersSentParams,
 ) -> None:
-    progress: _Progress = context.trace_request_ctx
-    progress.sent = True
+    # Only deliveries track progress; a status question has nothing to be uncertain about.
+    if isinstance(context.trace_request_ctx, _Progress):
+        context.trace_request_ctx.sent = True
 
 
 class HttpTransport:

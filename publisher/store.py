@@ -256,7 +256,12 @@ class Store:
 
     async def get_delivery(self, delivery_id: str) -> model.Delivery:
         async with self._engine.connect() as conn:
-            return await _load_delivery(conn, delivery_id)
+            if self._postgres:
+                # The row and its attempt log in one snapshot, not one from before an outcome
+                # and the other from after it (SQLite's single connection is one already).
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                return await _load_delivery(conn, delivery_id)
 
     async def redeliver(self, delivery_id: str) -> model.Delivery:
         """Queues the delivery at once with a fresh schedule; an attempt in flight is fenced off."""
