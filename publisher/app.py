@@ -104,7 +104,7 @@ class PublisherApp:
         self._periodic = [Periodic("notifier", settings.notify_interval, notifier.run_once)]
         if settings.reconcile_interval > 0:
             self._periodic.append(
-                Periodic("reconciler", settings.reconcile_interval, store.make_doubtful_due)
+                Periodic("reconciler", settings.reconcile_interval, dispatcher.reconcile_once)
             )
         server = self._server = grpc_server.create_server()
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(

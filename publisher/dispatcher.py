@@ -36,6 +36,8 @@ IDLE_POLL_SECONDS = 1.0
 # if that is shorter) before other replicas may take the delivery: time
 # to ask for the status and record the outcome.
 LEASE_MARGIN_SECONDS = 10.0
+# Deliveries in doubt asked about per reconciliation sweep.
+RECONCILE_BATCH = 100
 
 
 class Dispatcher:
@@ -133,9 +135,44 @@ class Dispatcher:
         # A free slot may let the loop claim more.
         self._wakeup.set()
 
-    async def _deliver(self, claim: model.Claim) -> None:
+    async def reconcile_once(self) -> None:
+        """The sweep: asks subscribers about deliveries whose last attempt was uncertain.
+
+        Those that arrived are confirmed now instead of at their next retry,
+        possibly hours away; the others go back to their scheduled time. It
+        sends nothing and spends no attempt.
+        """
+        doubtful = await self._store.claim_doubtful(
+            self._owner, RECONCILE_BATCH, self.lease_seconds
+        )
+        if not doubtful:
+            return
+        receipts = await asyncio.gather(
+            *(
+                self._transports[claim.subscriber.spec.protocol].status(self._attempt_for(claim))
+                for claim, _ in doubtful
+            )
+        )
+        now = self._now()
+        confirmed = [
+            self._decide(claim, _confirmed("reconciliation sweep"), now, 0.0)
+            for (claim, _), receipt in zip(doubtful, receipts, strict=True)
+            if receipt == tx.Receipt.HAS_IT
+        ]
+        unconfirmed = [
+            (claim, when)
+            for (claim, when), receipt in zip(doubtful, receipts, strict=True)
+            if receipt != tx.Receipt.HAS_IT
+        ]
+        if confirmed:
+            await self._store.record(confirmed)
+            log.event(logger, "reconciled", confirmed=len(confirmed))
+        if unconfirmed:
+            await self._store.release_unconfirmed(unconfirmed, self._owner)
+
+    def _attempt_for(self, claim: model.Claim) -> tx.Attempt:
         subscriber = claim.subscriber
-        attempt = tx.Attempt(
+        return tx.Attempt(
             delivery_id=claim.delivery_id,
             attempt=claim.attempt,
             event_id=claim.event.id,
@@ -151,6 +188,10 @@ class Dispatcher:
             timeout=self._timeout,
             status_url=subscriber.spec.status_url,
         )
+
+    async def _deliver(self, claim: model.Claim) -> None:
+        subscriber = claim.subscriber
+        attempt = self._attempt_for(claim)
         started = self._now()
         clock = time.monotonic()
         try:

@@ -144,7 +144,8 @@ class Store:
                 subscribers.update().where(subscribers.c.id == subscriber_id).values(**row)
             )
             if current.state != state:
-                await _set_hold(conn, subscriber_id, hold=state != model.SubscriberState.ACTIVE)
+                hold = state != model.SubscriberState.ACTIVE
+                await _set_hold(conn, subscriber_id, hold=hold, now=now)
             if reactivated:
                 await self._announce(conn)
         if reactivated:
@@ -317,38 +318,66 @@ class Store:
         )
         async with self._engine.begin() as conn:
             leased = (await conn.execute(lease)).all()
-            if not leased:
+            return await _with_details(conn, leased)
+
+    async def claim_doubtful(
+        self, owner: str, limit: int, lease_seconds: float
+    ) -> list[tuple[model.Claim, float]]:
+        """Leases pending deliveries whose last attempt was uncertain, to ask about them.
+
+        Unlike ``claim`` this is no attempt: the attempt number stays, and each
+        claim comes with the delivery's scheduled time, to be given back by
+        ``release_unconfirmed`` if the subscriber does not have the event.
+        """
+        now = self._now()
+        doubtful = (
+            sa.select(deliveries.c.id, deliveries.c.next_attempt_at)
+            .where(
+                deliveries.c.state == model.DeliveryState.PENDING.value,
+                deliveries.c.last_outcome == "uncertain",
+                deliveries.c.lease_owner.is_(None),
+            )
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._engine.begin() as conn:
+            scheduled = {row.id: row.next_attempt_at for row in await conn.execute(doubtful)}
+            if not scheduled:
                 return []
-            ids = [row.id for row in leased]
-            details = await conn.execute(
-                sa.select(
-                    deliveries.c.id.label("delivery_id"),
-                    *[column.label(f"e_{column.name}") for column in events.c],
-                    *[column.label(f"s_{column.name}") for column in subscribers.c],
-                )
-                .select_from(deliveries.join(events).join(subscribers))
-                .where(deliveries.c.id.in_(ids))
-            )
-            by_id = {row.delivery_id: row._mapping for row in details}
-        claims = []
-        subscriber_cache: dict[str, model.Subscriber] = {}
-        for row in leased:
-            detail = by_id[row.id]
-            subscriber_id = detail["s_id"]
-            if subscriber_id not in subscriber_cache:
-                subscriber_cache[subscriber_id] = _subscriber(_prefixed(detail, "s_"))
-            claims.append(
-                model.Claim(
-                    delivery_id=row.id,
-                    attempt=row.attempts,
-                    attempts_in_round=row.round_attempts,
-                    round_started_at=row.round_started_at,
-                    last_outcome=row.last_outcome,
-                    event=_event(_prefixed(detail, "e_")),
-                    subscriber=subscriber_cache[subscriber_id],
+            leased = await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id.in_(list(scheduled)))
+                .values(lease_owner=owner, next_attempt_at=now + lease_seconds)
+                .returning(
+                    deliveries.c.id,
+                    deliveries.c.attempts,
+                    deliveries.c.round_attempts,
+                    deliveries.c.round_started_at,
+                    deliveries.c.last_outcome,
                 )
             )
-        return claims
+            claims = await _with_details(conn, leased.all())
+        return [(claim, scheduled[claim.delivery_id]) for claim in claims]
+
+    async def release_unconfirmed(
+        self, released: Sequence[tuple[model.Claim, float]], owner: str
+    ) -> None:
+        """Gives back deliveries asked about in vain, each at its scheduled time again."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.id == sa.bindparam("b_id"),
+                    deliveries.c.attempts == sa.bindparam("b_attempt"),
+                    deliveries.c.lease_owner == owner,
+                )
+                .values(lease_owner=None, next_attempt_at=sa.bindparam("b_next")),
+                [
+                    {"b_id": claim.delivery_id, "b_attempt": claim.attempt, "b_next": when}
+                    for claim, when in released
+                ],
+            )
 
     async def record(self, outcomes: Sequence[AttemptRecord]) -> None:
         """Writes attempt outcomes; one whose lease was lost (fenced) is dropped."""
@@ -554,26 +583,6 @@ class Store:
         found = [_event(row._mapping) for row in rows]
         return found, rows[-1].seq if rows else after_seq
 
-    async def make_doubtful_due(self) -> int:
-        """Brings deliveries whose last attempt was uncertain forward, to be asked about now."""
-        now = self._now()
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                deliveries.update()
-                .where(
-                    deliveries.c.state == model.DeliveryState.PENDING.value,
-                    deliveries.c.last_outcome == "uncertain",
-                    deliveries.c.lease_owner.is_(None),
-                    deliveries.c.next_attempt_at > now,
-                )
-                .values(next_attempt_at=now)
-            )
-            if result.rowcount:
-                await self._announce(conn)
-        if result.rowcount:
-            self.on_new_work()
-        return result.rowcount
-
     # -- people at the end: dead-letter digests and automatic disabling ---------------------
 
     async def subscribers_with_dead_letters(self, window: float) -> list[model.Subscriber]:
@@ -718,6 +727,41 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+async def _with_details(conn: AsyncConnection, leased: Sequence[Any]) -> list[model.Claim]:
+    """Claims for leased rows, with their events and subscribers read in one query."""
+    if not leased:
+        return []
+    details = await conn.execute(
+        sa.select(
+            deliveries.c.id.label("delivery_id"),
+            *[column.label(f"e_{column.name}") for column in events.c],
+            *[column.label(f"s_{column.name}") for column in subscribers.c],
+        )
+        .select_from(deliveries.join(events).join(subscribers))
+        .where(deliveries.c.id.in_([row.id for row in leased]))
+    )
+    by_id = {row.delivery_id: row._mapping for row in details}
+    claims = []
+    subscriber_cache: dict[str, model.Subscriber] = {}
+    for row in leased:
+        detail = by_id[row.id]
+        subscriber_id = detail["s_id"]
+        if subscriber_id not in subscriber_cache:
+            subscriber_cache[subscriber_id] = _subscriber(_prefixed(detail, "s_"))
+        claims.append(
+            model.Claim(
+                delivery_id=row.id,
+                attempt=row.attempts,
+                attempts_in_round=row.round_attempts,
+                round_started_at=row.round_started_at,
+                last_outcome=row.last_outcome,
+                event=_event(_prefixed(detail, "e_")),
+                subscriber=subscriber_cache[subscriber_id],
+            )
+        )
+    return claims
+
+
 def _health(batch: Sequence[AttemptRecord]) -> tuple[set[str], set[str]]:
     """Subscribers that just succeeded, and those that only failed, in this batch."""
     healthy = {r.subscriber_id for r in batch if r.new_state == model.DeliveryState.DELIVERED}
@@ -768,14 +812,31 @@ async def _known_keys(conn: AsyncConnection, keys: set[str]) -> dict[str, model.
     }
 
 
-async def _set_hold(conn: AsyncConnection, subscriber_id: str, *, hold: bool) -> None:
-    before, after = model.DeliveryState.PENDING, model.DeliveryState.HELD
-    if not hold:
-        before, after = after, before
+async def _set_hold(
+    conn: AsyncConnection, subscriber_id: str, *, hold: bool, now: float | None = None
+) -> None:
+    """Holds a subscriber's pending deliveries, or lets them go (due at ``now``).
+
+    Released deliveries are due at once, whatever retry they were waiting for:
+    the subscriber is back. One still leased keeps its lease.
+    """
+    owned = deliveries.c.subscriber_id == subscriber_id
+    if hold:
+        await conn.execute(
+            deliveries.update()
+            .where(owned, deliveries.c.state == model.DeliveryState.PENDING.value)
+            .values(state=model.DeliveryState.HELD.value)
+        )
+        return
     await conn.execute(
         deliveries.update()
-        .where(deliveries.c.subscriber_id == subscriber_id, deliveries.c.state == before.value)
-        .values(state=after.value)
+        .where(owned, deliveries.c.state == model.DeliveryState.HELD.value)
+        .values(
+            state=model.DeliveryState.PENDING.value,
+            next_attempt_at=sa.case(
+                (deliveries.c.lease_owner.is_(None), now), else_=deliveries.c.next_attempt_at
+            ),
+        )
     )
 
 
