@@ -38,13 +38,18 @@ class GroupCommit(Generic[T, R]):
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: Sequence[T]) -> list[R]:
+        """Queues ``items`` and returns their results once they are written."""
         if not items:
             return []
+        return await self.enqueue(items)
+
+    def enqueue(self, items: Sequence[T]) -> asyncio.Future[list[R]]:
+        """Queues ``items`` without waiting; the future resolves once they are written."""
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((items, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name="group-commit")
-        return await future
+        return future
 
     async def close(self) -> None:
         """Writes what is queued, then stops the writer."""

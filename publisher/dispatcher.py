@@ -1,5 +1,11 @@
 """The dispatcher: claims due deliveries, sends them, and has their outcomes recorded.
 
+A slot is busy only while its send is: the outcome goes to the store's group
+commit without waiting for it, and the lease keeps the delivery from being
+claimed again until it is written (a crash before that means a resend, which
+receivers deduplicate). Claims wait until half the slots are free, because a
+transaction costs about the same for one row as for a hundred.
+
 Before it guesses, it asks: an attempt whose outcome is uncertain, a resend
 after such an attempt, and the last attempt of a schedule are each followed or
 preceded by a status question to the subscriber (GetStatus, or the HTTP status
@@ -65,6 +71,8 @@ class Dispatcher:
         self._jitter = jitter
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Outcomes handed to the store and not yet committed; bounded for back-pressure.
+        self._unrecorded: set[asyncio.Future[list[None]]] = set()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -89,46 +97,57 @@ class Dispatcher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.gather(*self._unrecorded, return_exceptions=True)
         released = await self._store.release(self._owner)
         if released:
             log.event(logger, "leases_released", count=released)
 
+    def _room(self) -> int:
+        """How many deliveries to claim now; 0 until enough slots are free to be worth it."""
+        if len(self._unrecorded) >= 2 * self._max_in_flight:
+            return 0  # The database is behind: let it catch up before sending more.
+        room = self._max_in_flight - len(self._in_flight)
+        worth_it = min(self._claim_batch, max(1, self._max_in_flight // 2))
+        if self._in_flight and room < worth_it:
+            return 0
+        return min(room, self._claim_batch)
+
     async def _run(self) -> None:
         while not self._stopping:
             self._wakeup.clear()
-            room = self._max_in_flight - len(self._in_flight)
-            claimed = 0
-            if room > 0:
-                try:
-                    claims = await self._store.claim(
-                        self._owner, min(room, self._claim_batch), self.lease_seconds
-                    )
-                except Exception:
-                    logger.exception("claim failed")
-                    claims = []
-                claimed = len(claims)
-                for claim in claims:
-                    task = asyncio.create_task(self._deliver(claim))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._finished)
-            if claimed and claimed == min(room, self._claim_batch):
-                continue  # There may be more due right now.
-            await self._sleep(room > 0)
-
-    async def _sleep(self, can_claim: bool) -> None:
-        timeout = IDLE_POLL_SECONDS
-        if can_claim:
+            wanted = self._room()
+            if not wanted:
+                # A finished send or a committed outcome wakes us.
+                await self._sleep(IDLE_POLL_SECONDS)
+                continue
             try:
-                due = await self._store.next_due_at()
+                claims = await self._store.claim(self._owner, wanted, self.lease_seconds)
             except Exception:
-                logger.exception("next_due_at failed")
-                due = None
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - self._now()))
-        if timeout <= 0:
+                logger.exception("claim failed")
+                claims = []
+            for claim in claims:
+                task = asyncio.create_task(self._deliver(claim))
+                self._in_flight.add(task)
+                task.add_done_callback(self._finished)
+            if len(claims) < wanted:
+                await self._sleep(await self._until_next_due())
+
+    async def _until_next_due(self) -> float:
+        try:
+            due = await self._store.next_due_at()
+        except Exception:
+            logger.exception("next_due_at failed")
+            return IDLE_POLL_SECONDS
+        if due is None:
+            return IDLE_POLL_SECONDS
+        return min(IDLE_POLL_SECONDS, max(0.0, due - self._now()))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` pass or something wakes the dispatcher."""
+        if seconds <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -200,11 +219,16 @@ class Dispatcher:
             logger.exception("transport raised")
             result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
         record = self._decide(claim, result, started, time.monotonic() - clock)
-        try:
-            await self._store.record([record])
-        except Exception:
+        pending = self._store.record_soon([record])
+        self._unrecorded.add(pending)
+        pending.add_done_callback(self._recorded)
+
+    def _recorded(self, pending: asyncio.Future[list[None]]) -> None:
+        self._unrecorded.discard(pending)
+        if not pending.cancelled() and pending.exception() is not None:
             # The lease runs out and the delivery comes due again: nothing is lost.
-            logger.exception("recording an outcome failed", extra={"delivery": claim.delivery_id})
+            logger.error("recording outcomes failed: %r", pending.exception())
+        self._wakeup.set()
 
     async def _attempt(
         self, transport: tx.Transport, attempt: tx.Attempt, claim: model.Claim

@@ -10,7 +10,6 @@ import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
-from common import signing
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
 from publisher import transport as tx
 
@@ -64,19 +63,10 @@ class GrpcTransport:
             delivery_id=attempt.delivery_id,
             attempt=attempt.attempt,
         )
-        token = signing.sign_delivery(
-            attempt.keys[0],
-            issuer=attempt.issuer,
-            audience=attempt.subscriber_id,
-            event_id=attempt.event_id,
-            event_type=attempt.event_type,
-            attempt=attempt.attempt,
-            payload=attempt.payload,
-            now=self._now(),
-        )
+        authorization = tx.bearer(attempt, attempt.payload, self._now())
         try:
             await self._stub(attempt.endpoint).Receive(
-                request, timeout=attempt.timeout, metadata=(("authorization", f"Bearer {token}"),)
+                request, timeout=attempt.timeout, metadata=(("authorization", authorization),)
             )
         except grpc.aio.AioRpcError as error:
             return classify(error.code(), error.details() or "")
@@ -84,21 +74,12 @@ class GrpcTransport:
 
     async def status(self, attempt: tx.Attempt) -> tx.Receipt:
         # Signed like a delivery, over an empty body, so the subscriber knows who asks.
-        token = signing.sign_delivery(
-            attempt.keys[0],
-            issuer=attempt.issuer,
-            audience=attempt.subscriber_id,
-            event_id=attempt.event_id,
-            event_type=attempt.event_type,
-            attempt=attempt.attempt,
-            payload=b"",
-            now=self._now(),
-        )
+        authorization = tx.bearer(attempt, b"", self._now())
         try:
             response = await self._stub(attempt.endpoint).GetStatus(
                 subscriber_pb2.GetStatusRequest(event_id=attempt.event_id),
                 timeout=min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS),
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=(("authorization", authorization),),
             )
         except grpc.aio.AioRpcError:
             return tx.Receipt.UNANSWERED

@@ -139,16 +139,7 @@ class HttpTransport:
         now = self._now()
         timestamp = int(now)
         # The JWT binds the event's payload, as on gRPC, whatever body format carries it.
-        token = signing.sign_delivery(
-            attempt.keys[0],
-            issuer=attempt.issuer,
-            audience=attempt.subscriber_id,
-            event_id=attempt.event_id,
-            event_type=attempt.event_type,
-            attempt=attempt.attempt,
-            payload=attempt.payload,
-            now=now,
-        )
+        authorization = tx.bearer(attempt, attempt.payload, now)
         return {
             "content-type": content_type,
             "webhook-id": attempt.event_id,
@@ -159,7 +150,7 @@ class HttpTransport:
             "webhook-event-type": attempt.event_type,
             "webhook-delivery-id": attempt.delivery_id,
             "webhook-attempt": str(attempt.attempt),
-            "authorization": f"Bearer {token}",
+            "authorization": authorization,
             "user-agent": USER_AGENT,
             "accept-encoding": "identity",
         }
@@ -208,23 +199,14 @@ class HttpTransport:
         if not attempt.status_url:
             return tx.Receipt.UNANSWERED
         event_id = urllib.parse.quote(attempt.event_id, safe="")
-        token = signing.sign_delivery(
-            attempt.keys[0],
-            issuer=attempt.issuer,
-            audience=attempt.subscriber_id,
-            event_id=attempt.event_id,
-            event_type=attempt.event_type,
-            attempt=attempt.attempt,
-            payload=b"",
-            now=self._now(),
-        )
+        authorization = tx.bearer(attempt, b"", self._now())
         try:
             url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
             if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
                 await self._guard.resolve(url.raw_host, url.port)
             async with self._client().get(
                 url,
-                headers={"authorization": f"Bearer {token}", "user-agent": USER_AGENT},
+                headers={"authorization": authorization, "user-agent": USER_AGENT},
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
                     total=min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS),

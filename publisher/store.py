@@ -8,6 +8,7 @@ The hot path uses SQLAlchemy Core statements only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -383,6 +384,10 @@ class Store:
         """Writes attempt outcomes; one whose lease was lost (fenced) is dropped."""
         await self._records.submit(outcomes)
 
+    def record_soon(self, outcomes: Sequence[AttemptRecord]) -> asyncio.Future[list[None]]:
+        """``record`` without waiting for the commit; the future says when it is written."""
+        return self._records.enqueue(outcomes)
+
     async def _write_records(self, batch: list[AttemptRecord]) -> list[None]:
         now = self._now()
         held = model.DeliveryState.HELD.value
@@ -594,10 +599,7 @@ class Store:
         )
         query = subscribers.select().where(
             subscribers.c.id.in_(unnotified),
-            sa.or_(
-                subscribers.c.last_notified_at.is_(None),
-                subscribers.c.last_notified_at <= now - window,
-            ),
+            _notice_window_open(now, window),
         )
         async with self._engine.connect() as conn:
             return [_subscriber(row._mapping) for row in await conn.execute(query)]
@@ -610,10 +612,7 @@ class Store:
                 subscribers.update()
                 .where(
                     subscribers.c.id == subscriber_id,
-                    sa.or_(
-                        subscribers.c.last_notified_at.is_(None),
-                        subscribers.c.last_notified_at <= now - window,
-                    ),
+                    _notice_window_open(now, window),
                 )
                 .values(last_notified_at=now)
             )
@@ -760,6 +759,14 @@ async def _with_details(conn: AsyncConnection, leased: Sequence[Any]) -> list[mo
             )
         )
     return claims
+
+
+def _notice_window_open(now: float, window: float) -> sa.ColumnElement[bool]:
+    """The subscriber has not been emailed within the last ``window`` seconds."""
+    return sa.or_(
+        subscribers.c.last_notified_at.is_(None),
+        subscribers.c.last_notified_at <= now - window,
+    )
 
 
 def _health(batch: Sequence[AttemptRecord]) -> tuple[set[str], set[str]]:

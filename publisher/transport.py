@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from common import signing
+
 Clock = Callable[[], float]
 
 # How much error text or response body an attempt log keeps.
@@ -96,6 +98,24 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def bearer(attempt: Attempt, payload: bytes, now: float) -> str:
+    """The ``authorization`` value for an attempt: a JWT binding ``payload``.
+
+    Deliveries bind the event's payload; status questions bind an empty body.
+    """
+    token = signing.sign_delivery(
+        attempt.keys[0],
+        issuer=attempt.issuer,
+        audience=attempt.subscriber_id,
+        event_id=attempt.event_id,
+        event_type=attempt.event_type,
+        attempt=attempt.attempt,
+        payload=payload,
+        now=now,
+    )
+    return f"Bearer {token}"
 
 
 def excerpt(text: str) -> str:

@@ -23,7 +23,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -147,6 +147,7 @@ async def soak(
     seed: int,
     workdir: Path,
     *,
+    kill_at: Sequence[int] = (),
     subscriber_bounces: bool = True,
     drain_deadline: float = 300.0,
 ) -> Report:
@@ -171,7 +172,14 @@ async def soak(
             started = time.monotonic()
             emitting = asyncio.create_task(_emit_all(stub, events, rate, emitted, report))
             chaos = asyncio.create_task(
-                _chaos(cluster, emitting, kill_every, rng, report, subscriber_bounces)
+                _chaos(
+                    cluster,
+                    emitting,
+                    _kill_points(kill_every, kill_at, emitted),
+                    rng,
+                    report,
+                    subscriber_bounces,
+                )
             )
             await emitting
             await chaos
@@ -232,19 +240,39 @@ async def _emit_all(
         emitted[key] = response.event_id
 
 
+async def _kill_points(
+    kill_every: float, kill_at: Sequence[int], emitted: dict[str, str]
+) -> AsyncIterator[None]:
+    """When to kill: every ``kill_every`` seconds, or once each count in ``kill_at`` is
+    emitted (a fixed number of kills, whatever the machine's speed)."""
+    if not kill_at:
+        while True:
+            await asyncio.sleep(kill_every)
+            yield
+    for mark in kill_at:
+        while len(emitted) < mark:  # noqa: ASYNC110 - the emitter owns the dict; poll it
+            await asyncio.sleep(0.01)
+        yield
+
+
 async def _chaos(
     cluster: Cluster,
     emitting: asyncio.Task[None],
-    kill_every: float,
+    kill_points: AsyncIterator[None],
     rng: random.Random,
     report: Report,
     subscriber_bounces: bool,
 ) -> None:
     while not emitting.done():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(emitting), kill_every)
-        if emitting.done():
+        point = asyncio.ensure_future(anext(kill_points))
+        await asyncio.wait([point, emitting], return_when=asyncio.FIRST_COMPLETED)
+        if not point.done():
+            point.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await point
             break
+        if point.exception() is not None:
+            break  # Every kill point has passed.
         await cluster.kill_publisher()
         report.publisher_kills += 1
         if subscriber_bounces and rng.random() < 0.5:
