@@ -1,0 +1,169 @@
+"""The bench's output: a table of median [min, max] per figure, ratios, targets, and JSON."""
+
+from __future__ import annotations
+
+import json
+import operator
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import scenarios
+
+# (ratio, numerator scenario and figure, denominator scenario and figure)
+RATIOS = [
+    ("e2e_grpc_unary_vs_raw", ("e2e_grpc_unary", "rate"), ("raw_grpc_unary", "rate")),
+    ("e2e_grpc_batch_vs_raw", ("e2e_grpc_batch", "rate"), ("raw_grpc_unary", "rate")),
+    ("e2e_http_vs_raw", ("e2e_http", "rate"), ("raw_http_post", "rate")),
+    ("backlog_1m_vs_1k", ("backlog", "rate_large"), ("backlog", "rate_small")),
+    ("e2e_grpc_batch_pg_1_vs_raw", ("e2e_grpc_batch_pg_1", "rate"), ("raw_grpc_unary", "rate")),
+    ("e2e_grpc_batch_pg_2_vs_1", ("e2e_grpc_batch_pg_2", "rate"), ("e2e_grpc_batch_pg_1", "rate")),
+]
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "<": operator.lt,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    # ("ratio", name) or (scenario, figure)
+    source: tuple[str, str]
+    op: str
+    bound: float
+    unit: str = ""
+
+
+TARGETS = [
+    Target("e2e_grpc_unary_vs_raw", ("ratio", "e2e_grpc_unary_vs_raw"), ">=", 0.40),
+    Target("e2e_grpc_batch_vs_raw", ("ratio", "e2e_grpc_batch_vs_raw"), ">=", 0.80),
+    Target("e2e_http_vs_raw", ("ratio", "e2e_http_vs_raw"), ">=", 0.60),
+    Target("p99 at half load", ("latency_at_half_load", "p99"), "<=", 50, "ms"),
+    Target("backlog_1m_vs_1k", ("ratio", "backlog_1m_vs_1k"), ">=", 0.80),
+    Target("peak RSS with 1M pending", ("backlog", "peak_rss_large"), "<=", 300, "MB"),
+    Target("fan-out commit", ("fanout", "commit"), "<", 1, "s"),
+    Target("fan-out all delivered", ("fanout", "all_delivered"), "<", 5, "s"),
+]
+
+
+def ratios(bench: scenarios.Bench) -> dict[str, float | None]:
+    """Ratios of medians; None where a figure was not measured."""
+    found: dict[str, float | None] = {}
+    for name, (top_scenario, top), (bottom_scenario, bottom) in RATIOS:
+        numerator = _median(bench, top_scenario, top)
+        denominator = _median(bench, bottom_scenario, bottom)
+        found[name] = numerator / denominator if numerator is not None and denominator else None
+    return found
+
+
+def verdicts(bench: scenarios.Bench, found: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for target in TARGETS:
+        kind, name = target.source
+        value = found.get(name) if kind == "ratio" else _median(bench, kind, name)
+        rows.append(
+            {
+                "target": target.name,
+                "value": value,
+                "op": target.op,
+                "bound": target.bound,
+                "unit": target.unit,
+                "pass": None if value is None else _OPS[target.op](value, target.bound),
+            }
+        )
+    return rows
+
+
+def _median(bench: scenarios.Bench, scenario: str, figure: str) -> float | None:
+    result = bench.results.get(scenario)
+    return None if result is None else result.median(figure)
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.2g}"
+
+
+def _spread(metric: scenarios.Metric) -> tuple[str, str, str]:
+    values = metric.values
+    return _number(statistics.median(values)), _number(min(values)), _number(max(values))
+
+
+def table(
+    bench: scenarios.Bench, found: dict[str, float | None], rows: list[dict[str, Any]]
+) -> str:
+    runs = bench.config.runs
+    lines = [
+        f"{'scenario':<22} {'figure':<22} {'median':>10} {'min':>10} {'max':>10}  unit",
+        "-" * 86,
+    ]
+    for result in bench.results.values():
+        lines.append(f"{result.name:<22} {result.about}  ({result.seconds:.0f}s)")
+        if result.skipped:
+            lines.append(f"{'':<22} SKIPPED: {result.skipped}")
+        if result.error:
+            lines.append(f"{'':<22} FAILED: {result.error.splitlines()[0]}")
+        for figure, metric in result.metrics.items():
+            median, low, high = _spread(metric)
+            lines.append(f"{'':<22} {figure:<22} {median:>10} {low:>10} {high:>10}  {metric.unit}")
+        lines.extend(f"{'':<22} note: {note}" for note in result.notes)
+    lines += ["", f"medians of {runs} run(s); ratios are ratios of medians", ""]
+    lines.append(f"{'ratio':<34} {'value':>8}")
+    for name, ratio in found.items():
+        lines.append(f"{name:<34} {'n/a' if ratio is None else f'{ratio:.2f}':>8}")
+    lines += ["", f"{'target':<34} {'value':>10}   {'bound':<12} verdict"]
+    for row in rows:
+        shown = "n/a" if row["value"] is None else f"{_number(row['value'])} {row['unit']}"
+        bound = f"{row['op']} {_number(row['bound'])} {row['unit']}".strip()
+        verdict = {None: "n/a", True: "PASS", False: "FAIL"}[row["pass"]]
+        lines.append(f"{row['target']:<34} {shown:>10}   {bound:<12} {verdict}")
+    return "\n".join(lines)
+
+
+def write_json(
+    path: Path,
+    bench: scenarios.Bench,
+    found: dict[str, float | None],
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> None:
+    config = {
+        key: str(value) if isinstance(value, Path) or value is None else value
+        for key, value in asdict(bench.config).items()
+        if key not in ("postgres_url", "workdir", "profile_dir")
+    }
+    document = {
+        "meta": {**meta, "config": config},
+        "scenarios": {name: _result(result) for name, result in bench.results.items()},
+        "ratios": found,
+        "targets": rows,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def _result(result: scenarios.Result) -> dict[str, Any]:
+    return {
+        "about": result.about,
+        "seconds": round(result.seconds, 1),
+        "skipped": result.skipped,
+        "error": result.error,
+        "notes": result.notes,
+        "metrics": {
+            figure: {
+                "unit": metric.unit,
+                "median": statistics.median(metric.values),
+                "min": min(metric.values),
+                "max": max(metric.values),
+                "runs": metric.values,
+            }
+            for figure, metric in result.metrics.items()
+        },
+    }
