@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -329,3 +330,80 @@ async def test_second_publisher_on_the_same_sqlite_file_is_refused(
     second = PublisherApp(Settings(port=0, database_url=database_url))
     with pytest.raises(AlreadyRunning, match="PostgreSQL"):
         await second.start()
+
+
+BAD_REGISTRATIONS = [
+    ({"name": ""}, "name"),
+    ({"endpoint": "no-port"}, "endpoint"),
+    ({"endpoint": "host:99999"}, "endpoint"),
+    ({"endpoint": "http://example.com/x", "protocol": publisher_pb2.PROTOCOL_GRPC}, "endpoint"),
+    ({"event_types": ["ok", "bad*type"]}, "event_types[1]"),
+    ({"retry_schedule": schedule(0)}, "retry_schedule[0]"),
+    ({"retry_schedule": schedule(10, 5)}, "retry_schedule"),
+    ({"contact_email": "not an email"}, "contact_email"),
+    ({"secret": "whsec_c2hvcnQ="}, "secret"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_REGISTRATIONS)
+async def test_a_bad_registration_is_invalid_argument_naming_the_field_and_writes_nothing(
+    stub: Stub, fields: dict[str, object], field: str
+) -> None:
+    request: dict[str, object] = {"name": "bad", "endpoint": "127.0.0.1:9", **fields}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RegisterSubscriber(publisher_pb2.RegisterSubscriberRequest(**request))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith(f"{field}: ")
+    listing = await stub.ListSubscribers(publisher_pb2.ListSubscribersRequest())
+    assert list(listing.subscribers) == []
+
+
+BAD_EMITS = [
+    ({"type": ""}, "type"),
+    ({"type": "order.*"}, "type"),
+    ({"payload": b"x" * (1024 * 1024 + 1)}, "payload"),
+    ({"payload": b"{not json"}, "payload"),
+    ({"content_type": "not a media type"}, "content_type"),
+    ({"idempotency_key": "k" * 201}, "idempotency_key"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_EMITS)
+async def test_a_bad_emit_is_invalid_argument_naming_the_field_and_writes_nothing(
+    stub: Stub, subscriber: FakeSubscriber, fields: dict[str, object], field: str
+) -> None:
+    await register(stub, f"127.0.0.1:{subscriber.port}")
+    request: dict[str, object] = {"type": "order.paid", "payload": b"{}", **fields}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Emit(publisher_pb2.EmitRequest(**request))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith(f"{field}: ")
+    listing = await stub.ListDeliveries(publisher_pb2.ListDeliveriesRequest())
+    assert list(listing.deliveries) == []
+
+
+async def test_unknown_ids_are_not_found_and_missing_ids_are_invalid(stub: Stub) -> None:
+    not_found: list[Awaitable[object]] = [
+        stub.GetSubscriber(publisher_pb2.GetSubscriberRequest(subscriber_id="sub_x")),
+        stub.DeleteSubscriber(publisher_pb2.DeleteSubscriberRequest(subscriber_id="sub_x")),
+        stub.GetEvent(publisher_pb2.GetEventRequest(event_id="evt_x")),
+        stub.GetDelivery(publisher_pb2.GetDeliveryRequest(delivery_id="dlv_x")),
+        stub.Redeliver(publisher_pb2.RedeliverRequest(delivery_id="dlv_x")),
+    ]
+    for call in not_found:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetDelivery(publisher_pb2.GetDeliveryRequest())
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (missing.value.details() or "").startswith("delivery_id: ")
+    with pytest.raises(grpc.aio.AioRpcError) as mask:
+        await stub.UpdateSubscriber(
+            publisher_pb2.UpdateSubscriberRequest(
+                subscriber=publisher_pb2.Subscriber(id="sub_x"),
+                update_mask=field_mask_pb2.FieldMask(paths=["secret"]),
+            )
+        )
+    assert mask.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "update_mask" in (mask.value.details() or "")
