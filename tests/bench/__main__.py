@@ -28,7 +28,8 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 FULL = scenarios.Config(
     runs=3,
-    concurrency=64,
+    # The publisher's default --max-in-flight; the raw transports are measured at the same.
+    concurrency=256,
     raw_seconds=3.0,
     unary_events=4_000,
     batch_events=10_000,
@@ -69,7 +70,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--out", default=os.environ.get("BENCH_OUT", "bench-results.json"), help="JSON results"
     )
-    parser.add_argument("--concurrency", type=int, help="calls in flight (default 64)")
+    parser.add_argument("--concurrency", type=int, help="calls in flight (default 256)")
     parser.add_argument("--runs", type=int, help="runs per scenario (default 3, --quick 1)")
     parser.add_argument(
         "--postgres-url",
