@@ -202,7 +202,7 @@ class Dispatcher:
             subscriber_id=subscriber.id,
             endpoint=subscriber.spec.endpoint,
             body_format=subscriber.spec.body_format.value,
-            keys=(signing.secret_key(subscriber.secret),),
+            keys=tuple(signing.secret_key(s) for s in subscriber.signing_secrets(self._now())),
             issuer=self._issuer,
             timeout=self._timeout,
             status_url=subscriber.spec.status_url,

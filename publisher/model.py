@@ -60,6 +60,16 @@ class Subscriber:
     updated_at: float
     # When it started failing without a success since (None while healthy).
     failing_since: float | None = None
+    # The secret before the last rotation, valid (and signing) until it expires.
+    previous_secret: str = ""
+    previous_secret_expires_at: float | None = None
+
+    def signing_secrets(self, now: float) -> tuple[str, ...]:
+        """The secrets a delivery is signed with now, newest first."""
+        expires = self.previous_secret_expires_at
+        if self.previous_secret and expires is not None and expires > now:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
 
 @dataclass(frozen=True, slots=True)

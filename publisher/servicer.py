@@ -111,6 +111,22 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         updated = await self._store.update_subscriber(subscriber_id, spec, state, reason)
         return publisher_pb2.UpdateSubscriberResponse(subscriber=_subscriber(updated))
 
+    async def RotateSecret(
+        self, request: publisher_pb2.RotateSecretRequest, context: Context
+    ) -> publisher_pb2.RotateSecretResponse:
+        subscriber_id = validation.required_id(request.subscriber_id, "subscriber_id")
+        secret = validation.secret(request.secret)
+        valid_for = validation.previous_valid_for(
+            request.previous_valid_for, request.HasField("previous_valid_for")
+        )
+        subscriber = await self._store.rotate_secret(subscriber_id, secret, valid_for)
+        response = publisher_pb2.RotateSecretResponse(
+            subscriber=_subscriber(subscriber), secret=secret
+        )
+        if subscriber.previous_secret_expires_at is not None:
+            response.previous_expires_at.CopyFrom(_timestamp(subscriber.previous_secret_expires_at))
+        return response
+
     async def DeleteSubscriber(
         self, request: publisher_pb2.DeleteSubscriberRequest, context: Context
     ) -> publisher_pb2.DeleteSubscriberResponse:

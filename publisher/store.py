@@ -153,6 +153,25 @@ class Store:
             self.on_new_work()
         return updated
 
+    async def rotate_secret(
+        self, subscriber_id: str, secret: str, previous_valid_for: float
+    ) -> model.Subscriber:
+        """Makes ``secret`` the signing secret; the current one stays valid for a while."""
+        now = self._now()
+        async with self._engine.begin() as conn:
+            current = await _load_subscriber(conn, subscriber_id)
+            await conn.execute(
+                subscribers.update()
+                .where(subscribers.c.id == subscriber_id)
+                .values(
+                    secret=secret,
+                    previous_secret=current.secret,
+                    previous_secret_expires_at=now + previous_valid_for,
+                    updated_at=now,
+                )
+            )
+            return await _load_subscriber(conn, subscriber_id)
+
     async def delete_subscriber(self, subscriber_id: str) -> None:
         async with self._engine.begin() as conn:
             await _load_subscriber(conn, subscriber_id)
@@ -902,6 +921,8 @@ def _subscriber_row(subscriber: model.Subscriber) -> dict[str, Any]:
         "created_at": subscriber.created_at,
         "updated_at": subscriber.updated_at,
         "failing_since": subscriber.failing_since,
+        "previous_secret": subscriber.previous_secret or None,
+        "previous_secret_expires_at": subscriber.previous_secret_expires_at,
     }
 
 
@@ -924,6 +945,8 @@ def _subscriber(row: Any) -> model.Subscriber:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         failing_since=row["failing_since"],
+        previous_secret=row["previous_secret"] or "",
+        previous_secret_expires_at=row["previous_secret_expires_at"],
     )
 
 

@@ -127,6 +127,21 @@ def secret(value: str) -> str:
     return value
 
 
+DEFAULT_PREVIOUS_VALID_FOR = 24 * 3600.0
+MAX_PREVIOUS_VALID_FOR = 30 * 24 * 3600.0
+
+
+def previous_valid_for(duration: duration_pb2.Duration, given: bool) -> float:
+    if not given:
+        return DEFAULT_PREVIOUS_VALID_FOR
+    seconds = duration.seconds + duration.nanos / 1e9
+    if seconds < 0:
+        raise errors.InvalidArgument("previous_valid_for", "must not be negative")
+    if seconds > MAX_PREVIOUS_VALID_FOR:
+        raise errors.InvalidArgument("previous_valid_for", "at most 30 days")
+    return seconds
+
+
 def subscriber_state(value: publisher_pb2.SubscriberState.ValueType) -> model.SubscriberState:
     if value not in _STATES:
         raise errors.InvalidArgument("subscriber.state", "must be ACTIVE, PAUSED or DISABLED")

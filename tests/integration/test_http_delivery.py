@@ -20,8 +20,8 @@ import grpc.aio
 import jwt
 import pytest
 from aiohttp import web
-from google.protobuf import field_mask_pb2, timestamp_pb2
-from standardwebhooks.webhooks import Webhook
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher.app import PublisherApp
@@ -230,6 +230,77 @@ async def test_an_http_delivery_posts_the_exact_payload_signed_for_standard_webh
     assert request.headers["webhook-attempt"] == "1"
     assert request.headers["user-agent"].startswith("grpc-webhooks/")
     assert [(a.outcome, a.status_code) for a in delivery.attempts] == [(OUTCOME_DELIVERED, 200)]
+
+
+async def test_during_a_secret_rotation_each_valid_secret_signs_and_then_only_the_new_one(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """After RotateSecret the old and the new secret each verify a delivery (standardwebhooks),
+    the JWT is the new secret's; once the old one expires, only the new one signs."""
+    stub = (await open_publisher()).stub
+    old = new_secret()
+    registered = await register(stub, receiver.url("/hook"), protocol=HTTP, secret=old)
+    subscriber_id = registered.subscriber.id
+    new = new_secret()
+    rotated = await stub.RotateSecret(
+        publisher_pb2.RotateSecretRequest(subscriber_id=subscriber_id, secret=new)
+    )
+    assert rotated.secret == new
+    assert seconds(rotated.previous_expires_at) > time.time() + 23 * 3600
+
+    first = await emit_payload(stub)
+    await delivery_in(stub, first.event_id, DELIVERED)
+    [during] = receiver.posts("/hook")
+    assert len(during.headers["webhook-signature"].split()) == 2
+    for secret in (old, new):
+        Webhook(secret).verify(during.body, during.headers)
+    assert jwt_claims(during.headers, new, subscriber_id)["event_id"] == first.event_id
+
+    no_grace = duration_pb2.Duration(seconds=0)
+    latest = await stub.RotateSecret(
+        publisher_pb2.RotateSecretRequest(subscriber_id=subscriber_id, previous_valid_for=no_grace)
+    )
+    assert latest.secret.startswith("whsec_")
+    second = await emit_payload(stub)
+    await delivery_in(stub, second.event_id, DELIVERED)
+    [_, after] = receiver.posts("/hook")
+    assert len(after.headers["webhook-signature"].split()) == 1
+    Webhook(latest.secret).verify(after.body, after.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new).verify(after.body, after.headers)
+
+
+async def test_rotate_secret_refuses_bad_input_naming_the_field(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    stub = (await open_publisher()).stub
+    registered = await register(stub, receiver.url("/hook"), protocol=HTTP)
+    subscriber_id = registered.subscriber.id
+    cases = [
+        (publisher_pb2.RotateSecretRequest(), grpc.StatusCode.INVALID_ARGUMENT, "subscriber_id"),
+        (
+            publisher_pb2.RotateSecretRequest(subscriber_id=subscriber_id, secret="whsec_AAAA"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "secret",
+        ),
+        (
+            publisher_pb2.RotateSecretRequest(
+                subscriber_id=subscriber_id, previous_valid_for=duration_pb2.Duration(seconds=-1)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "previous_valid_for",
+        ),
+        (
+            publisher_pb2.RotateSecretRequest(subscriber_id="sub_unknown"),
+            grpc.StatusCode.NOT_FOUND,
+            "subscriber_id",
+        ),
+    ]
+    for request, code, named in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.RotateSecret(request)
+        assert caught.value.code() == code
+        assert (caught.value.details() or "").startswith(f"{named}: ")
 
 
 async def test_a_form_subscriber_gets_the_payload_in_a_form_field_signed_over_the_raw_form(
