@@ -7,16 +7,19 @@ dispatcher after each commit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc.aio
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from common import signing
+from common import log, signing
 from common.gen.webhooks.v1 import event_pb2, publisher_pb2, publisher_pb2_grpc
 from publisher import model, validation
 from publisher.store import Store
+
+logger = logging.getLogger("publisher.servicer")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Checks that an HTTP endpoint may be reached (the SSRF guard); raises InvalidArgument if not.
@@ -57,6 +60,13 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         secret = validation.secret(request.secret)
         await self._check_reachable(spec)
         subscriber = await self._store.create_subscriber(spec, secret)
+        log.event(
+            logger,
+            "subscriber_registered",
+            subscriber_id=subscriber.id,
+            endpoint=spec.endpoint,
+            protocol=spec.protocol.value,
+        )
         return publisher_pb2.RegisterSubscriberResponse(
             subscriber=_subscriber(subscriber), secret=secret
         )
@@ -109,6 +119,13 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         if spec.endpoint != current.spec.endpoint or spec.status_url != current.spec.status_url:
             await self._check_reachable(spec)
         updated = await self._store.update_subscriber(subscriber_id, spec, state, reason)
+        log.event(
+            logger,
+            "subscriber_updated",
+            subscriber_id=subscriber_id,
+            fields=sorted(paths),
+            state=state.value,
+        )
         return publisher_pb2.UpdateSubscriberResponse(subscriber=_subscriber(updated))
 
     async def RotateSecret(
@@ -120,6 +137,9 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             request.previous_valid_for, request.HasField("previous_valid_for")
         )
         subscriber = await self._store.rotate_secret(subscriber_id, secret, valid_for)
+        log.event(
+            logger, "secret_rotated", subscriber_id=subscriber_id, previous_valid_for=valid_for
+        )
         response = publisher_pb2.RotateSecretResponse(
             subscriber=_subscriber(subscriber), secret=secret
         )
@@ -132,6 +152,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.DeleteSubscriberResponse:
         subscriber_id = validation.required_id(request.subscriber_id, "subscriber_id")
         await self._store.delete_subscriber(subscriber_id)
+        log.event(logger, "subscriber_deleted", subscriber_id=subscriber_id)
         return publisher_pb2.DeleteSubscriberResponse()
 
     async def Emit(
@@ -181,6 +202,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.RedeliverResponse:
         delivery_id = validation.required_id(request.delivery_id, "delivery_id")
         delivery = await self._store.redeliver(delivery_id)
+        log.event(logger, "redelivery_queued", delivery_id=delivery_id)
         return publisher_pb2.RedeliverResponse(delivery=_delivery(delivery))
 
     async def ReplayDeliveries(
@@ -189,6 +211,14 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         patterns = validation.replay_filter(request.subscriber_id, request.event_types)
         since = request.since.ToNanoseconds() / 1e9
         count = await self._store.replay(request.subscriber_id, since, patterns)
+        log.event(
+            logger,
+            "replay_queued",
+            subscriber_id=request.subscriber_id,
+            event_types=list(patterns),
+            since=since,
+            count=count,
+        )
         return publisher_pb2.ReplayDeliveriesResponse(requeued_count=count)
 
     async def ListEvents(
