@@ -6,9 +6,11 @@ import fcntl
 import os
 from typing import Any
 
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from common import errors
 
@@ -45,9 +47,39 @@ def create_engine(url: str) -> AsyncEngine:
     if not is_sqlite(url):
         return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
     engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+    _tune_sqlite(engine.sync_engine)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def create_sqlite_thread_engine(url: str) -> Engine:
+    """A synchronous engine on the same SQLite file, for one dedicated thread.
+
+    A transaction run whole on that thread costs one hand-over between threads,
+    where the async driver pays one per statement, each waiting for a turn of a
+    busy event loop.
+    """
+    parsed = make_url(normalize_url(url)).set(drivername="sqlite")
+    engine = sa_create_engine(
+        parsed,
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    """WAL and durable commits; every transaction takes the write lock up front.
+
+    With more than one connection on a file, a transaction that reads and then
+    writes could otherwise fail at once with "database is locked" when another
+    connection wrote in between; BEGIN IMMEDIATE waits (busy_timeout) instead.
+    """
+
+    @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own implicit BEGIN is off, so that ours below is the only one.
+        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in (
             "journal_mode=WAL",
@@ -58,7 +90,9 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
-    return engine
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def sqlite_path(url: str) -> str | None:
