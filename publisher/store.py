@@ -13,16 +13,20 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common import errors
+from common import db, errors
 from common.group_commit import GroupCommit
 from publisher import matching, model
 from publisher.schema import attempts, deliveries, events, subscribers
+
+T = TypeVar("T")
 
 # Events per emit transaction; a batch emit of 1,000 still goes in one piece.
 MAX_EMIT_BATCH = 1000
@@ -62,6 +66,13 @@ class Store:
         self._engine = engine
         self._now = now
         self._postgres = engine.dialect.name == "postgresql"
+        # SQLite: the hot-path transactions run whole on one thread of their own.
+        self._thread: ThreadPoolExecutor | None = None
+        self._thread_engine: Engine | None = None
+        if engine.dialect.name == "sqlite":
+            url = engine.url.render_as_string(hide_password=False)
+            self._thread_engine = db.create_sqlite_thread_engine(url)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._emits: GroupCommit[model.NewEvent, model.EmitResult] = GroupCommit(
             self._write_events, MAX_EMIT_BATCH
         )
@@ -75,16 +86,35 @@ class Store:
     def engine(self) -> AsyncEngine:
         return self._engine
 
-    async def _announce(self, conn: AsyncConnection) -> None:
+    async def _run(self, work: Callable[[Connection], T]) -> T:
+        """Runs ``work`` in one transaction and returns what it returns.
+
+        On SQLite the whole transaction runs on the store's own thread: one
+        hand-over instead of one per statement, each of which would wait for a
+        turn of the busy event loop. On PostgreSQL it runs through the async
+        driver.
+        """
+        if self._thread is None:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(work)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_thread, work)
+
+    def _in_thread(self, work: Callable[[Connection], T]) -> T:
+        assert self._thread_engine is not None
+        with self._thread_engine.begin() as conn:
+            return work(conn)
+
+    def _announce(self, conn: Connection) -> None:
         """Tells the other replicas, on commit, that deliveries became due (PostgreSQL only)."""
         if self._postgres:
-            await conn.execute(
-                sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL}
-            )
+            conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
 
     async def close(self) -> None:
         await self._emits.close()
         await self._records.close()
+        if self._thread is not None and self._thread_engine is not None:
+            self._thread.shutdown(wait=True)
+            self._thread_engine.dispose()
         await self._engine.dispose()
 
     # -- subscribers -------------------------------------------------------------------------
@@ -146,9 +176,9 @@ class Store:
             )
             if current.state != state:
                 hold = state != model.SubscriberState.ACTIVE
-                await _set_hold(conn, subscriber_id, hold=hold, now=now)
+                await conn.run_sync(_set_hold, subscriber_id, hold=hold, now=now)
             if reactivated:
-                await self._announce(conn)
+                await conn.run_sync(self._announce)
         if reactivated:
             self.on_new_work()
         return updated
@@ -189,8 +219,7 @@ class Store:
     async def _write_events(self, batch: list[model.NewEvent]) -> list[model.EmitResult]:
         for attempt in range(_EMIT_TRIES):
             try:
-                async with self._engine.begin() as conn:
-                    results = await self._insert_events(conn, batch)
+                results = await self._run(lambda conn: self._insert_events(conn, batch))
                 break
             except sa.exc.IntegrityError:
                 # Another replica committed the same idempotency key first; look again.
@@ -200,17 +229,17 @@ class Store:
             self.on_new_work()
         return results
 
-    async def _insert_events(
-        self, conn: AsyncConnection, batch: list[model.NewEvent]
+    def _insert_events(
+        self, conn: Connection, batch: list[model.NewEvent]
     ) -> list[model.EmitResult]:
         now = self._now()
         keys = {event.idempotency_key for event in batch if event.idempotency_key}
         known: dict[str, model.EmitResult] = {}
         if keys:
-            known = await _known_keys(conn, keys)
+            known = _known_keys(conn, keys)
         # Paused and disabled subscribers get their deliveries too, held until they are
         # active again: nothing they were meant to get is lost while they are off.
-        targets = await conn.execute(
+        targets = conn.execute(
             sa.select(subscribers.c.id, subscribers.c.event_types, subscribers.c.state)
         )
         audience = [
@@ -246,10 +275,10 @@ class Store:
                 # A repeated key later in the same batch gets this event too.
                 known[event.idempotency_key] = model.EmitResult(event_id, count, duplicate=True)
         if event_rows:
-            await conn.execute(events.insert(), event_rows)
+            conn.execute(events.insert(), event_rows)
         if delivery_rows:
-            await conn.execute(deliveries.insert(), delivery_rows)
-            await self._announce(conn)
+            conn.execute(deliveries.insert(), delivery_rows)
+            self._announce(conn)
         return results
 
     async def get_event(self, event_id: str) -> model.Event:
@@ -305,7 +334,7 @@ class Store:
                 )
             )
             delivery = await _load_delivery(conn, delivery_id)
-            await self._announce(conn)
+            await conn.run_sync(self._announce)
         self.on_new_work()
         return delivery
 
@@ -336,9 +365,7 @@ class Store:
                 deliveries.c.last_outcome,
             )
         )
-        async with self._engine.begin() as conn:
-            leased = (await conn.execute(lease)).all()
-            return await _with_details(conn, leased)
+        return await self._run(lambda conn: _with_details(conn, conn.execute(lease).all()))
 
     async def claim_doubtful(
         self, owner: str, limit: int, lease_seconds: float
@@ -377,7 +404,7 @@ class Store:
                     deliveries.c.last_outcome,
                 )
             )
-            claims = await _with_details(conn, leased.all())
+            claims = await conn.run_sync(_with_details, leased.all())
         return [(claim, scheduled[claim.delivery_id]) for claim in claims]
 
     async def release_unconfirmed(
@@ -470,11 +497,12 @@ class Store:
             for record in batch
         ]
         healthy, failing = _health(batch)
-        async with self._engine.begin() as conn:
-            await conn.execute(log, params)
-            await conn.execute(settle, params)
+
+        def write(conn: Connection) -> None:
+            conn.execute(log, params)
+            conn.execute(settle, params)
             if healthy:
-                await conn.execute(
+                conn.execute(
                     subscribers.update()
                     .where(
                         subscribers.c.id == sa.bindparam("b_id"),
@@ -484,7 +512,7 @@ class Store:
                     [{"b_id": subscriber_id} for subscriber_id in healthy],
                 )
             if failing:
-                await conn.execute(
+                conn.execute(
                     subscribers.update()
                     .where(
                         subscribers.c.id == sa.bindparam("b_id"),
@@ -495,7 +523,9 @@ class Store:
                 )
             for record in batch:
                 if record.disable_reason:
-                    await _disable(conn, record.subscriber_id, record.disable_reason, now)
+                    _disable(conn, record.subscriber_id, record.disable_reason, now)
+
+        await self._run(write)
         if any(record.new_state == model.DeliveryState.PENDING for record in batch):
             self.on_new_work()
         return [None] * len(batch)
@@ -531,12 +561,10 @@ class Store:
 
     async def next_due_at(self) -> float | None:
         """When the earliest pending delivery comes due (None when there is none)."""
-        async with self._engine.connect() as conn:
-            value = await conn.scalar(
-                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-                    deliveries.c.state == model.DeliveryState.PENDING.value
-                )
-            )
+        earliest = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+            deliveries.c.state == model.DeliveryState.PENDING.value
+        )
+        value = await self._run(lambda conn: conn.scalar(earliest))
         return None if value is None else float(value)
 
     async def replay(self, subscriber_id: str, since: float, patterns: Sequence[str]) -> int:
@@ -582,7 +610,7 @@ class Store:
                     )
                 )
             if ids:
-                await self._announce(conn)
+                await conn.run_sync(self._announce)
         if ids:
             self.on_new_work()
         return len(ids)
@@ -700,7 +728,7 @@ class Store:
             for row in rows.all():
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.failing_since))
                 reason = f"disabled automatically: every delivery failed since {since}"
-                await _disable(conn, row.id, reason, now)
+                await conn.run_sync(_disable, row.id, reason, now)
                 await conn.execute(
                     subscribers.update()
                     .where(subscribers.c.id == row.id)
@@ -745,11 +773,11 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-async def _with_details(conn: AsyncConnection, leased: Sequence[Any]) -> list[model.Claim]:
+def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
     """Claims for leased rows, with their events and subscribers read in one query."""
     if not leased:
         return []
-    details = await conn.execute(
+    details = conn.execute(
         sa.select(
             deliveries.c.id.label("delivery_id"),
             *[column.label(f"e_{column.name}") for column in events.c],
@@ -821,8 +849,8 @@ def _stored_states(state: model.DeliveryState) -> list[str]:
     return [state.value]
 
 
-async def _known_keys(conn: AsyncConnection, keys: set[str]) -> dict[str, model.EmitResult]:
-    rows = await conn.execute(
+def _known_keys(conn: Connection, keys: set[str]) -> dict[str, model.EmitResult]:
+    rows = conn.execute(
         sa.select(
             events.c.idempotency_key,
             events.c.id,
@@ -838,8 +866,8 @@ async def _known_keys(conn: AsyncConnection, keys: set[str]) -> dict[str, model.
     }
 
 
-async def _set_hold(
-    conn: AsyncConnection, subscriber_id: str, *, hold: bool, now: float | None = None
+def _set_hold(
+    conn: Connection, subscriber_id: str, *, hold: bool, now: float | None = None
 ) -> None:
     """Holds a subscriber's pending deliveries, or lets them go (due at ``now``).
 
@@ -848,13 +876,13 @@ async def _set_hold(
     """
     owned = deliveries.c.subscriber_id == subscriber_id
     if hold:
-        await conn.execute(
+        conn.execute(
             deliveries.update()
             .where(owned, deliveries.c.state == model.DeliveryState.PENDING.value)
             .values(state=model.DeliveryState.HELD.value)
         )
         return
-    await conn.execute(
+    conn.execute(
         deliveries.update()
         .where(owned, deliveries.c.state == model.DeliveryState.HELD.value)
         .values(
@@ -866,8 +894,8 @@ async def _set_hold(
     )
 
 
-async def _disable(conn: AsyncConnection, subscriber_id: str, reason: str, now: float) -> None:
-    result = await conn.execute(
+def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> None:
+    result = conn.execute(
         subscribers.update()
         .where(
             subscribers.c.id == subscriber_id,
@@ -876,7 +904,7 @@ async def _disable(conn: AsyncConnection, subscriber_id: str, reason: str, now: 
         .values(state=model.SubscriberState.DISABLED.value, state_reason=reason, updated_at=now)
     )
     if result.rowcount:
-        await _set_hold(conn, subscriber_id, hold=True)
+        _set_hold(conn, subscriber_id, hold=True)
 
 
 async def _load_subscriber(conn: AsyncConnection, subscriber_id: str) -> model.Subscriber:
