@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common import db, errors
 from common.group_commit import GroupCommit
@@ -66,7 +66,7 @@ class Store:
         self._engine = engine
         self._now = now
         self._postgres = engine.dialect.name == "postgresql"
-        # SQLite: the hot-path transactions run whole on one thread of their own.
+        # SQLite: every transaction runs whole on one thread of its own (see _run).
         self._thread: ThreadPoolExecutor | None = None
         self._thread_engine: Engine | None = None
         if engine.dialect.name == "sqlite":
@@ -86,17 +86,21 @@ class Store:
     def engine(self) -> AsyncEngine:
         return self._engine
 
-    async def _run(self, work: Callable[[Connection], T]) -> T:
+    async def _run(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
         """Runs ``work`` in one transaction and returns what it returns.
 
         On SQLite the whole transaction runs on the store's own thread: one
         hand-over instead of one per statement, each of which would wait for a
         turn of the busy event loop. On PostgreSQL it runs through the async
-        driver.
+        driver; ``snapshot`` makes its reads one consistent view there (SQLite's
+        transactions always are).
         """
         if self._thread is None:
-            async with self._engine.begin() as conn:
-                return await conn.run_sync(work)
+            async with self._engine.connect() as conn:
+                if snapshot:
+                    conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+                async with conn.begin():
+                    return await conn.run_sync(work)
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_thread, work)
 
     def _in_thread(self, work: Callable[[Connection], T]) -> T:
@@ -130,19 +134,23 @@ class Store:
             created_at=now,
             updated_at=now,
         )
-        async with self._engine.begin() as conn:
-            await conn.execute(subscribers.insert().values(**_subscriber_row(subscriber)))
+        insert = subscribers.insert().values(**_subscriber_row(subscriber))
+        await self._run(lambda conn: conn.execute(insert))
         return subscriber
 
     async def get_subscriber(self, subscriber_id: str) -> model.Subscriber:
-        async with self._engine.connect() as conn:
-            return await _load_subscriber(conn, subscriber_id)
+        return await self._run(lambda conn: _load_subscriber(conn, subscriber_id))
 
     async def list_subscribers(self, limit: int, after_id: str) -> list[model.Subscriber]:
-        query = subscribers.select().where(subscribers.c.id > after_id)
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(query.order_by(subscribers.c.id).limit(limit))
-            return [_subscriber(row._mapping) for row in rows]
+        query = (
+            subscribers.select()
+            .where(subscribers.c.id > after_id)
+            .order_by(subscribers.c.id)
+            .limit(limit)
+        )
+        return await self._run(
+            lambda conn: [_subscriber(row._mapping) for row in conn.execute(query)]
+        )
 
     async def update_subscriber(
         self,
@@ -153,8 +161,9 @@ class Store:
     ) -> model.Subscriber:
         """Replaces the spec and state; deliveries wait while it is not active."""
         now = self._now()
-        async with self._engine.begin() as conn:
-            current = await _load_subscriber(conn, subscriber_id)
+
+        def work(conn: Connection) -> tuple[model.Subscriber, bool]:
+            current = _load_subscriber(conn, subscriber_id)
             reactivated = state == model.SubscriberState.ACTIVE != current.state
             updated = model.Subscriber(
                 id=current.id,
@@ -171,14 +180,17 @@ class Store:
             del row["id"]
             if reactivated:
                 row["disable_notice_due"] = False
-            await conn.execute(
+            conn.execute(
                 subscribers.update().where(subscribers.c.id == subscriber_id).values(**row)
             )
             if current.state != state:
                 hold = state != model.SubscriberState.ACTIVE
-                await conn.run_sync(_set_hold, subscriber_id, hold=hold, now=now)
+                _set_hold(conn, subscriber_id, hold=hold, now=now)
             if reactivated:
-                await conn.run_sync(self._announce)
+                self._announce(conn)
+            return updated, reactivated
+
+        updated, reactivated = await self._run(work)
         if reactivated:
             self.on_new_work()
         return updated
@@ -188,9 +200,10 @@ class Store:
     ) -> model.Subscriber:
         """Makes ``secret`` the signing secret; the current one stays valid for a while."""
         now = self._now()
-        async with self._engine.begin() as conn:
-            current = await _load_subscriber(conn, subscriber_id)
-            await conn.execute(
+
+        def work(conn: Connection) -> model.Subscriber:
+            current = _load_subscriber(conn, subscriber_id)
+            conn.execute(
                 subscribers.update()
                 .where(subscribers.c.id == subscriber_id)
                 .values(
@@ -200,15 +213,19 @@ class Store:
                     updated_at=now,
                 )
             )
-            return await _load_subscriber(conn, subscriber_id)
+            return _load_subscriber(conn, subscriber_id)
+
+        return await self._run(work)
 
     async def delete_subscriber(self, subscriber_id: str) -> None:
-        async with self._engine.begin() as conn:
-            await _load_subscriber(conn, subscriber_id)
+        def work(conn: Connection) -> None:
+            _load_subscriber(conn, subscriber_id)
             owned = sa.select(deliveries.c.id).where(deliveries.c.subscriber_id == subscriber_id)
-            await conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(owned)))
-            await conn.execute(deliveries.delete().where(deliveries.c.id.in_(owned)))
-            await conn.execute(subscribers.delete().where(subscribers.c.id == subscriber_id))
+            conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(owned)))
+            conn.execute(deliveries.delete().where(deliveries.c.id.in_(owned)))
+            conn.execute(subscribers.delete().where(subscribers.c.id == subscriber_id))
+
+        await self._run(work)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -282,8 +299,8 @@ class Store:
         return results
 
     async def get_event(self, event_id: str) -> model.Event:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(events.select().where(events.c.id == event_id))).first()
+        query = events.select().where(events.c.id == event_id)
+        row = await self._run(lambda conn: conn.execute(query).first())
         if row is None:
             raise errors.NotFound(f"event_id: no event {event_id!r}")
         return _event(row._mapping)
@@ -300,28 +317,26 @@ class Store:
             query = query.where(deliveries.c.subscriber_id == where.subscriber_id)
         if where.state is not None:
             query = query.where(deliveries.c.state.in_(_stored_states(where.state)))
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(query.order_by(deliveries.c.id).limit(limit))
-            return [_delivery(row._mapping, ()) for row in rows]
+        query = query.order_by(deliveries.c.id).limit(limit)
+        return await self._run(
+            lambda conn: [_delivery(row._mapping, ()) for row in conn.execute(query)]
+        )
 
     async def get_delivery(self, delivery_id: str) -> model.Delivery:
-        async with self._engine.connect() as conn:
-            if self._postgres:
-                # The row and its attempt log in one snapshot, not one from before an outcome
-                # and the other from after it (SQLite's single connection is one already).
-                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
-            async with conn.begin():
-                return await _load_delivery(conn, delivery_id)
+        # The row and its attempt log in one snapshot, not one from before an outcome and
+        # the other from after it.
+        return await self._run(lambda conn: _load_delivery(conn, delivery_id), snapshot=True)
 
     async def redeliver(self, delivery_id: str) -> model.Delivery:
         """Queues the delivery at once with a fresh schedule; an attempt in flight is fenced off."""
         now = self._now()
-        async with self._engine.begin() as conn:
-            current = await _load_delivery(conn, delivery_id)
-            subscriber = await _load_subscriber(conn, current.subscriber_id)
+
+        def work(conn: Connection) -> model.Delivery:
+            current = _load_delivery(conn, delivery_id)
+            subscriber = _load_subscriber(conn, current.subscriber_id)
             active = subscriber.state == model.SubscriberState.ACTIVE
             state = model.DeliveryState.PENDING if active else model.DeliveryState.HELD
-            await conn.execute(
+            conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id == delivery_id)
                 .values(
@@ -333,8 +348,10 @@ class Store:
                     updated_at=now,
                 )
             )
-            delivery = await _load_delivery(conn, delivery_id)
-            await conn.run_sync(self._announce)
+            self._announce(conn)
+            return _load_delivery(conn, delivery_id)
+
+        delivery = await self._run(work)
         self.on_new_work()
         return delivery
 
@@ -388,11 +405,12 @@ class Store:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        async with self._engine.begin() as conn:
-            scheduled = {row.id: row.next_attempt_at for row in await conn.execute(doubtful)}
+
+        def work(conn: Connection) -> tuple[dict[str, float], list[model.Claim]]:
+            scheduled = {row.id: row.next_attempt_at for row in conn.execute(doubtful)}
             if not scheduled:
-                return []
-            leased = await conn.execute(
+                return scheduled, []
+            leased = conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id.in_(list(scheduled)))
                 .values(lease_owner=owner, next_attempt_at=now + lease_seconds)
@@ -404,15 +422,17 @@ class Store:
                     deliveries.c.last_outcome,
                 )
             )
-            claims = await conn.run_sync(_with_details, leased.all())
+            return scheduled, _with_details(conn, leased.all())
+
+        scheduled, claims = await self._run(work)
         return [(claim, scheduled[claim.delivery_id]) for claim in claims]
 
     async def release_unconfirmed(
         self, released: Sequence[tuple[model.Claim, float]], owner: str
     ) -> None:
         """Gives back deliveries asked about in vain, each at its scheduled time again."""
-        async with self._engine.begin() as conn:
-            await conn.execute(
+        await self._run(
+            lambda conn: conn.execute(
                 deliveries.update()
                 .where(
                     deliveries.c.id == sa.bindparam("b_id"),
@@ -425,6 +445,7 @@ class Store:
                     for claim, when in released
                 ],
             )
+        )
 
     async def record(self, outcomes: Sequence[AttemptRecord]) -> None:
         """Writes attempt outcomes; one whose lease was lost (fenced) is dropped."""
@@ -533,16 +554,15 @@ class Store:
     async def release(self, owner: str) -> int:
         """Hands back ``owner``'s leases so that they are due at once (graceful stop)."""
         now = self._now()
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                deliveries.update()
-                .where(
-                    deliveries.c.lease_owner == owner,
-                    deliveries.c.state.in_([model.DeliveryState.PENDING.value, "held"]),
-                )
-                .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+        release = (
+            deliveries.update()
+            .where(
+                deliveries.c.lease_owner == owner,
+                deliveries.c.state.in_([model.DeliveryState.PENDING.value, "held"]),
             )
-        return result.rowcount
+            .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+        )
+        return await self._run(lambda conn: conn.execute(release).rowcount)
 
     async def reclaim_all(self) -> int:
         """Makes every leased delivery due now.
@@ -551,13 +571,12 @@ class Store:
         publisher: any lease it finds was left by a previous run that died.
         """
         now = self._now()
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                deliveries.update()
-                .where(deliveries.c.lease_owner.is_not(None))
-                .values(lease_owner=None, next_attempt_at=now, updated_at=now)
-            )
-        return result.rowcount
+        reclaim = (
+            deliveries.update()
+            .where(deliveries.c.lease_owner.is_not(None))
+            .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+        )
+        return await self._run(lambda conn: conn.execute(reclaim).rowcount)
 
     async def next_due_at(self) -> float | None:
         """When the earliest pending delivery comes due (None when there is none)."""
@@ -584,16 +603,17 @@ class Store:
             query = query.where(deliveries.c.subscriber_id == subscriber_id)
         if not patterns:
             query = query.where(deliveries.c.state == model.DeliveryState.FAILED.value)
-        async with self._engine.begin() as conn:
+        active = sa.select(subscribers.c.id).where(
+            subscribers.c.state == model.SubscriberState.ACTIVE.value
+        )
+
+        def work(conn: Connection) -> int:
             if subscriber_id:
-                await _load_subscriber(conn, subscriber_id)
-            found = await conn.execute(query)
+                _load_subscriber(conn, subscriber_id)
+            found = conn.execute(query)
             ids = [row.id for row in found if not patterns or matching.matches(patterns, row.type)]
-            active = sa.select(subscribers.c.id).where(
-                subscribers.c.state == model.SubscriberState.ACTIVE.value
-            )
             for chunk in _chunks(ids, 500):
-                await conn.execute(
+                conn.execute(
                     deliveries.update()
                     .where(deliveries.c.id.in_(chunk))
                     .values(
@@ -610,10 +630,13 @@ class Store:
                     )
                 )
             if ids:
-                await conn.run_sync(self._announce)
-        if ids:
+                self._announce(conn)
+            return len(ids)
+
+        count = await self._run(work)
+        if count:
             self.on_new_work()
-        return len(ids)
+        return count
 
     async def events_for(
         self, subscriber_id: str, after_seq: int, limit: int
@@ -629,9 +652,12 @@ class Store:
             .order_by(events.c.seq)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
-            await _load_subscriber(conn, subscriber_id)
-            rows = (await conn.execute(query)).all()
+
+        def work(conn: Connection) -> Sequence[Any]:
+            _load_subscriber(conn, subscriber_id)
+            return conn.execute(query).all()
+
+        rows = await self._run(work)
         found = [_event(row._mapping) for row in rows]
         return found, rows[-1].seq if rows else after_seq
 
@@ -648,32 +674,27 @@ class Store:
             subscribers.c.id.in_(unnotified),
             _notice_window_open(now, window),
         )
-        async with self._engine.connect() as conn:
-            return [_subscriber(row._mapping) for row in await conn.execute(query)]
+        return await self._run(lambda conn: _subscribers(conn, query))
 
     async def take_notice_turn(self, subscriber_id: str, window: float) -> bool:
         """Claims the right to email about ``subscriber_id`` now; only one replica wins."""
         now = self._now()
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                subscribers.update()
-                .where(
-                    subscribers.c.id == subscriber_id,
-                    _notice_window_open(now, window),
-                )
-                .values(last_notified_at=now)
-            )
-        return bool(result.rowcount)
+        take = (
+            subscribers.update()
+            .where(subscribers.c.id == subscriber_id, _notice_window_open(now, window))
+            .values(last_notified_at=now)
+        )
+        return bool(await self._run(lambda conn: conn.execute(take).rowcount))
 
     async def give_back_notice_turn(self, subscriber_id: str) -> None:
         """After a failed send: the turn was taken at least a window after the last email,
         so clearing it lets the next round try again at once."""
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                subscribers.update()
-                .where(subscribers.c.id == subscriber_id)
-                .values(last_notified_at=None)
-            )
+        give_back = (
+            subscribers.update()
+            .where(subscribers.c.id == subscriber_id)
+            .values(last_notified_at=None)
+        )
+        await self._run(lambda conn: conn.execute(give_back))
 
     async def dead_letters(
         self, subscriber_id: str, limit: int
@@ -684,9 +705,10 @@ class Store:
             deliveries.c.state == model.DeliveryState.FAILED.value,
             deliveries.c.notified_at.is_(None),
         )
-        async with self._engine.connect() as conn:
-            total = await conn.scalar(sa.select(sa.func.count()).where(*where))
-            rows = await conn.execute(
+
+        def work(conn: Connection) -> tuple[list[model.DeadLetter], int]:
+            total = conn.scalar(sa.select(sa.func.count()).where(*where))
+            rows = conn.execute(
                 sa.select(deliveries, events.c.type.label("event_type"))
                 .select_from(deliveries.join(events))
                 .where(*where)
@@ -704,51 +726,58 @@ class Store:
                 )
                 for row in rows
             ]
-        return letters, int(total or 0)
+            return letters, int(total or 0)
+
+        return await self._run(work)
 
     async def mark_notified(self, delivery_ids: Sequence[str]) -> None:
         now = self._now()
-        async with self._engine.begin() as conn:
+
+        def work(conn: Connection) -> None:
             for chunk in _chunks(list(delivery_ids), 500):
-                await conn.execute(
+                conn.execute(
                     deliveries.update().where(deliveries.c.id.in_(chunk)).values(notified_at=now)
                 )
+
+        await self._run(work)
 
     async def disable_failing(self, failing_for: float) -> list[model.Subscriber]:
         """Disables active subscribers that have only failed for ``failing_for`` seconds."""
         now = self._now()
-        disabled = []
-        async with self._engine.begin() as conn:
-            rows = await conn.execute(
+
+        def work(conn: Connection) -> list[model.Subscriber]:
+            rows = conn.execute(
                 subscribers.select().where(
                     subscribers.c.state == model.SubscriberState.ACTIVE.value,
                     subscribers.c.failing_since <= now - failing_for,
                 )
             )
+            disabled = []
             for row in rows.all():
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.failing_since))
                 reason = f"disabled automatically: every delivery failed since {since}"
-                await conn.run_sync(_disable, row.id, reason, now)
-                await conn.execute(
+                _disable(conn, row.id, reason, now)
+                conn.execute(
                     subscribers.update()
                     .where(subscribers.c.id == row.id)
                     .values(disable_notice_due=True)
                 )
-                disabled.append(row.id)
-        return [await self.get_subscriber(subscriber_id) for subscriber_id in disabled]
+                disabled.append(_load_subscriber(conn, row.id))
+            return disabled
+
+        return await self._run(work)
 
     async def disable_notices_due(self) -> list[model.Subscriber]:
         query = subscribers.select().where(subscribers.c.disable_notice_due.is_(True))
-        async with self._engine.connect() as conn:
-            return [_subscriber(row._mapping) for row in await conn.execute(query)]
+        return await self._run(lambda conn: _subscribers(conn, query))
 
     async def disable_notice_sent(self, subscriber_id: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                subscribers.update()
-                .where(subscribers.c.id == subscriber_id)
-                .values(disable_notice_due=False)
-            )
+        sent = (
+            subscribers.update()
+            .where(subscribers.c.id == subscriber_id)
+            .values(disable_notice_due=False)
+        )
+        await self._run(lambda conn: conn.execute(sent))
 
 
 def due_query(now: float, limit: int) -> sa.Select[tuple[str]]:
@@ -907,24 +936,28 @@ def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> N
         _set_hold(conn, subscriber_id, hold=True)
 
 
-async def _load_subscriber(conn: AsyncConnection, subscriber_id: str) -> model.Subscriber:
+def _load_subscriber(conn: Connection, subscriber_id: str) -> model.Subscriber:
     query = subscribers.select().where(subscribers.c.id == subscriber_id)
-    row = (await conn.execute(query)).first()
+    row = conn.execute(query).first()
     if row is None:
         raise errors.NotFound(f"subscriber_id: no subscriber {subscriber_id!r}")
     return _subscriber(row._mapping)
 
 
-async def _load_delivery(conn: AsyncConnection, delivery_id: str) -> model.Delivery:
-    row = (await conn.execute(deliveries.select().where(deliveries.c.id == delivery_id))).first()
+def _load_delivery(conn: Connection, delivery_id: str) -> model.Delivery:
+    row = conn.execute(deliveries.select().where(deliveries.c.id == delivery_id)).first()
     if row is None:
         raise errors.NotFound(f"delivery_id: no delivery {delivery_id!r}")
-    logs = await conn.execute(
+    logs = conn.execute(
         attempts.select()
         .where(attempts.c.delivery_id == delivery_id)
         .order_by(attempts.c.number, attempts.c.id)
     )
     return _delivery(row._mapping, tuple(_attempt(log._mapping) for log in logs))
+
+
+def _subscribers(conn: Connection, query: sa.Select[Any]) -> list[model.Subscriber]:
+    return [_subscriber(row._mapping) for row in conn.execute(query)]
 
 
 def _prefixed(mapping: Any, prefix: str) -> dict[str, Any]:
