@@ -86,6 +86,9 @@ def _tune_sqlite(engine: Engine) -> None:
             "synchronous=FULL",
             "busy_timeout=10000",
             "foreign_keys=ON",
+            # 64 MiB of page cache (default 2 MiB): a backlog of a million rows keeps its
+            # index pages in memory instead of rereading them for every claim and record.
+            "cache_size=-65536",
         ):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
