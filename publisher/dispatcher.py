@@ -121,26 +121,18 @@ class Dispatcher:
                 await self._sleep(IDLE_POLL_SECONDS)
                 continue
             try:
-                claims = await self._store.claim(self._owner, wanted, self.lease_seconds)
+                claims, due = await self._store.claim_round(self._owner, wanted, self.lease_seconds)
             except Exception:
                 logger.exception("claim failed")
-                claims = []
+                claims, due = [], None
             for claim in claims:
                 task = asyncio.create_task(self._deliver(claim))
                 self._in_flight.add(task)
                 task.add_done_callback(self._finished)
             if len(claims) < wanted:
-                await self._sleep(await self._until_next_due())
-
-    async def _until_next_due(self) -> float:
-        try:
-            due = await self._store.next_due_at()
-        except Exception:
-            logger.exception("next_due_at failed")
-            return IDLE_POLL_SECONDS
-        if due is None:
-            return IDLE_POLL_SECONDS
-        return min(IDLE_POLL_SECONDS, max(0.0, due - self._now()))
+                # Nothing more is due now: sleep until the next one is, or a wake-up.
+                wait = IDLE_POLL_SECONDS if due is None else due - self._now()
+                await self._sleep(min(IDLE_POLL_SECONDS, wait))
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or something wakes the dispatcher."""

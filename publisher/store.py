@@ -362,6 +362,14 @@ class Store:
         owner dies the delivery simply comes due again. On PostgreSQL, SKIP
         LOCKED lets replicas claim side by side without waiting on each other.
         """
+        claims, _ = await self.claim_round(owner, limit, lease_seconds)
+        return claims
+
+    async def claim_round(
+        self, owner: str, limit: int, lease_seconds: float
+    ) -> tuple[list[model.Claim], float | None]:
+        """``claim``, and when it found fewer than ``limit``, when the next delivery comes
+        due (None when that is not known: more may be due now, or none is pending)."""
         now = self._now()
         lease = (
             deliveries.update()
@@ -382,7 +390,14 @@ class Store:
                 deliveries.c.last_outcome,
             )
         )
-        return await self._run(lambda conn: _with_details(conn, conn.execute(lease).all()))
+
+        def work(conn: Connection) -> tuple[list[model.Claim], float | None]:
+            claims = _with_details(conn, conn.execute(lease).all())
+            # In the same transaction, so an idle dispatcher needs one round trip, not two.
+            due = conn.scalar(_EARLIEST_DUE) if len(claims) < limit else None
+            return claims, None if due is None else float(due)
+
+        return await self._run(work)
 
     async def claim_doubtful(
         self, owner: str, limit: int, lease_seconds: float
@@ -578,14 +593,6 @@ class Store:
         )
         return await self._run(lambda conn: conn.execute(reclaim).rowcount)
 
-    async def next_due_at(self) -> float | None:
-        """When the earliest pending delivery comes due (None when there is none)."""
-        earliest = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-            deliveries.c.state == model.DeliveryState.PENDING.value
-        )
-        value = await self._run(lambda conn: conn.scalar(earliest))
-        return None if value is None else float(value)
-
     async def replay(self, subscriber_id: str, since: float, patterns: Sequence[str]) -> int:
         """Queues many deliveries again at once, each with a fresh schedule.
 
@@ -778,6 +785,11 @@ class Store:
             .values(disable_notice_due=False)
         )
         await self._run(lambda conn: conn.execute(sent))
+
+
+_EARLIEST_DUE = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+    deliveries.c.state == model.DeliveryState.PENDING.value
+)
 
 
 def due_query(now: float, limit: int) -> sa.Select[tuple[str]]:
