@@ -22,7 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
-from subscriber import app, handlers, inbox, settings
+from subscriber import app, handlers, inbox
+from tests.subscriber_apps import Handled, SubscriberApps
 from tests.support import eventually
 
 KEY = os.urandom(32)
@@ -85,16 +86,6 @@ async def receive(stub: Stub, req: subscriber_pb2.ReceiveRequest) -> bool:
     return response.duplicate
 
 
-class Handled:
-    """A handler that remembers what it was given, to count effects."""
-
-    def __init__(self) -> None:
-        self.entries: list[inbox.Entry] = []
-
-    async def __call__(self, entry: inbox.Entry) -> None:
-        self.entries.append(entry)
-
-
 @pytest.fixture
 def handled() -> Handled:
     return Handled()
@@ -103,27 +94,19 @@ def handled() -> Handled:
 @pytest.fixture
 async def start_subscriber(tmp_path: Path, handled: Handled) -> AsyncIterator[StartSubscriber]:
     """Starts subscribers on port 0 with a fresh SQLite file each; stops them all afterwards."""
-    started: list[app.SubscriberApp] = []
+    apps = SubscriberApps(tmp_path)
 
     async def start(*flags: str, handler: handlers.Handler | None = None) -> app.SubscriberApp:
-        config = settings.parse(
-            [
-                "--listen=127.0.0.1:0",
-                "--http-listen=off",
-                f"--database-url=sqlite:///{tmp_path / f'inbox{len(started)}.db'}",
-                f"--secret={SECRET}",
-                f"--audience={AUDIENCE}",
-                *flags,
-            ]
+        return await apps.start(
+            "--http-listen=off",
+            f"--secret={SECRET}",
+            f"--audience={AUDIENCE}",
+            *flags,
+            handler=handler or handled,
         )
-        subscriber = app.SubscriberApp(config, handler=handler or handled)
-        await subscriber.start()
-        started.append(subscriber)
-        return subscriber
 
     yield start
-    for subscriber in started:
-        await subscriber.stop()
+    await apps.stop_all()
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
-from subscriber import app, inbox, settings
+from subscriber import app, inbox
+from tests.subscriber_apps import Handled, SubscriberApps
 
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -62,16 +63,6 @@ def standard_headers(
     return headers
 
 
-class Handled:
-    """A handler that remembers what it was given, to count effects."""
-
-    def __init__(self) -> None:
-        self.entries: list[inbox.Entry] = []
-
-    async def __call__(self, entry: inbox.Entry) -> None:
-        self.entries.append(entry)
-
-
 class StartSubscriber(Protocol):
     async def __call__(self, *flags: str) -> app.SubscriberApp: ...
 
@@ -84,28 +75,20 @@ def handled() -> Handled:
 @pytest.fixture
 async def start_subscriber(tmp_path: Path, handled: Handled) -> AsyncIterator[StartSubscriber]:
     """Starts subscribers with gRPC and HTTP on port 0 and a fresh SQLite file each."""
-    started: list[app.SubscriberApp] = []
+    apps = SubscriberApps(tmp_path)
 
     async def start(*flags: str) -> app.SubscriberApp:
-        config = settings.parse(
-            [
-                "--listen=127.0.0.1:0",
-                "--http-listen=127.0.0.1:0",
-                f"--database-url=sqlite:///{tmp_path / f'inbox{len(started)}.db'}",
-                f"--secret={SECRET}",
-                f"--audience={AUDIENCE}",
-                f"--timestamp-tolerance={TOLERANCE_SECONDS}",
-                *flags,
-            ]
+        return await apps.start(
+            "--http-listen=127.0.0.1:0",
+            f"--secret={SECRET}",
+            f"--audience={AUDIENCE}",
+            f"--timestamp-tolerance={TOLERANCE_SECONDS}",
+            *flags,
+            handler=handled,
         )
-        subscriber = app.SubscriberApp(config, handler=handled)
-        await subscriber.start()
-        started.append(subscriber)
-        return subscriber
 
     yield start
-    for subscriber in started:
-        await subscriber.stop()
+    await apps.stop_all()
 
 
 @pytest.fixture
