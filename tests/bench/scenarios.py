@@ -89,33 +89,29 @@ Scenario = Callable[[Bench, Result], Awaitable[None]]
 
 
 async def raw_grpc_unary(bench: Bench, result: Result) -> None:
-    config = bench.config
-    for _ in range(config.runs):
-        async with bench.group() as group:
-            _, ready = await group.helper("raw_grpc", "serve")
-            client = await group.start(
-                "raw_grpc-call",
-                [*PY, "tests.bench.raw_grpc", "call", "--target", ready["address"],
-                 "--concurrency", str(config.concurrency), "--seconds", str(config.raw_seconds)],
-            )  # fmt: skip
-            measured = await client.finish(config.raw_seconds + 30)
-        _check_clean(measured)
-        result.add("rate", "calls/s", measured["rate"])
+    await _raw(bench, result, "raw_grpc", ["call", "--target"], "address", "calls/s")
 
 
 async def raw_http_post(bench: Bench, result: Result) -> None:
+    await _raw(bench, result, "raw_http", ["post", "--url"], "url", "requests/s")
+
+
+async def _raw(
+    bench: Bench, result: Result, module: str, client_verb: list[str], ready_key: str, unit: str
+) -> None:
+    """A bare server and a closed-loop client of ``tests.bench.<module>``: the ceiling."""
     config = bench.config
     for _ in range(config.runs):
         async with bench.group() as group:
-            _, ready = await group.helper("raw_http", "serve")
+            _, ready = await group.helper(module, "serve")
             client = await group.start(
-                "raw_http-post",
-                [*PY, "tests.bench.raw_http", "post", "--url", ready["url"],
+                f"{module}-{client_verb[0]}",
+                [*PY, f"tests.bench.{module}", *client_verb, ready[ready_key],
                  "--concurrency", str(config.concurrency), "--seconds", str(config.raw_seconds)],
             )  # fmt: skip
             measured = await client.finish(config.raw_seconds + 30)
         _check_clean(measured)
-        result.add("rate", "requests/s", measured["rate"])
+        result.add("rate", unit, measured["rate"])
 
 
 def _check_clean(measured: dict[str, Any]) -> None:
