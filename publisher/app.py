@@ -91,6 +91,9 @@ class PublisherApp:
             claim_batch=settings.claim_batch,
         )
         store.on_new_work = dispatcher.wake
+        if path is not None:
+            # The only publisher on this file: new deliveries can be leased to it at once.
+            store.taker = dispatcher
         if path is None:
             self._wakeup = PostgresWakeup(settings.database_url, dispatcher.wake)
             self._wakeup.start()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -61,6 +61,24 @@ class AttemptRecord:
     subscriber_id: str = ""
 
 
+class Taker(Protocol):
+    """Who takes new deliveries straight from an emit (the embedded mode's dispatcher)."""
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    def reserve(self, wanted: int) -> int:
+        """Slots held for up to ``wanted`` deliveries; returns how many were granted."""
+        ...
+
+    def take(self, claims: list[model.Claim], reserved: int) -> None:
+        """Starts ``claims`` and gives back the rest of the ``reserved`` slots."""
+        ...
+
+
 class Store:
     def __init__(self, engine: AsyncEngine, *, now: Callable[[], float] = time.time) -> None:
         self._engine = engine
@@ -81,6 +99,9 @@ class Store:
         )
         # Called after every commit that may have made deliveries due.
         self.on_new_work: Callable[[], None] = lambda: None
+        # Embedded mode only: new deliveries are leased in the emit's own transaction and
+        # handed over, which saves the claim round trip between an Emit and its send.
+        self.taker: Taker | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -234,21 +255,33 @@ class Store:
         return await self._emits.submit(batch)
 
     async def _write_events(self, batch: list[model.NewEvent]) -> list[model.EmitResult]:
-        for attempt in range(_EMIT_TRIES):
-            try:
-                results = await self._run(lambda conn: self._insert_events(conn, batch))
-                break
-            except sa.exc.IntegrityError:
-                # Another replica committed the same idempotency key first; look again.
-                if attempt == _EMIT_TRIES - 1:
-                    raise
-        if any(result.delivery_count and not result.duplicate for result in results):
+        taker = self.taker
+        reserved = taker.reserve(len(batch)) if taker is not None else 0
+        claims: list[model.Claim] = []
+        try:
+            for attempt in range(_EMIT_TRIES):
+                try:
+                    results, claims = await self._run(
+                        lambda conn: self._insert_events(conn, batch, reserved)
+                    )
+                    break
+                except sa.exc.IntegrityError:
+                    # Another replica committed the same idempotency key first; look again.
+                    if attempt == _EMIT_TRIES - 1:
+                        raise
+        finally:
+            if taker is not None:
+                taker.take(claims, reserved)
+        created = sum(r.delivery_count for r in results if not r.duplicate)
+        if created > len(claims):
             self.on_new_work()
         return results
 
     def _insert_events(
-        self, conn: Connection, batch: list[model.NewEvent]
-    ) -> list[model.EmitResult]:
+        self, conn: Connection, batch: list[model.NewEvent], reserved: int
+    ) -> tuple[list[model.EmitResult], list[model.Claim]]:
+        """Inserts the events and their deliveries; leases up to ``reserved`` of those to
+        active subscribers to the taker, returning them as claims."""
         now = self._now()
         keys = {event.idempotency_key for event in batch if event.idempotency_key}
         known: dict[str, model.EmitResult] = {}
@@ -256,16 +289,11 @@ class Store:
             known = _known_keys(conn, keys)
         # Paused and disabled subscribers get their deliveries too, held until they are
         # active again: nothing they were meant to get is lost while they are off.
-        targets = conn.execute(
-            sa.select(subscribers.c.id, subscribers.c.event_types, subscribers.c.state)
-        )
-        audience = [
-            (row.id, tuple(json.loads(row.event_types)), row.state == model.SubscriberState.ACTIVE)
-            for row in targets
-        ]
+        audience = [_subscriber(row._mapping) for row in conn.execute(subscribers.select())]
         event_rows: list[dict[str, Any]] = []
         delivery_rows: list[dict[str, Any]] = []
         results: list[model.EmitResult] = []
+        claims: list[model.Claim] = []
         for event in batch:
             if event.idempotency_key in known:
                 results.append(known[event.idempotency_key])
@@ -282,10 +310,15 @@ class Store:
                 }
             )
             count = 0
-            for subscriber_id, patterns, active in audience:
-                if matching.matches(patterns, event.type):
-                    count += 1
-                    delivery_rows.append(_new_delivery(event_id, subscriber_id, active, now))
+            for subscriber in audience:
+                if not matching.matches(subscriber.spec.event_types, event.type):
+                    continue
+                count += 1
+                active = subscriber.state == model.SubscriberState.ACTIVE
+                row = _new_delivery(event_id, subscriber.id, active, now)
+                if active and len(claims) < reserved and self.taker is not None:
+                    claims.append(_lease_new(row, event, subscriber, self.taker, now))
+                delivery_rows.append(row)
             result = model.EmitResult(event_id=event_id, delivery_count=count, duplicate=False)
             results.append(result)
             if event.idempotency_key:
@@ -296,7 +329,7 @@ class Store:
         if delivery_rows:
             conn.execute(deliveries.insert(), delivery_rows)
             self._announce(conn)
-        return results
+        return results, claims
 
     async def get_event(self, event_id: str) -> model.Event:
         query = events.select().where(events.c.id == event_id)
@@ -882,6 +915,38 @@ def _new_delivery(event_id: str, subscriber_id: str, active: bool, now: float) -
         "last_outcome": "",
         "notified_at": None,
     }
+
+
+def _lease_new(
+    row: dict[str, Any],
+    event: model.NewEvent,
+    subscriber: model.Subscriber,
+    taker: Taker,
+    now: float,
+) -> model.Claim:
+    """Turns a new delivery row into the taker's first attempt, leased as a claim would."""
+    row.update(
+        attempts=1,
+        round_attempts=1,
+        round_started_at=now,
+        lease_owner=taker.owner,
+        next_attempt_at=now + taker.lease_seconds,
+    )
+    return model.Claim(
+        delivery_id=row["id"],
+        attempt=1,
+        attempts_in_round=1,
+        round_started_at=now,
+        last_outcome="",
+        event=model.Event(
+            id=row["event_id"],
+            type=event.type,
+            payload=event.payload,
+            content_type=event.content_type,
+            created_at=now,
+        ),
+        subscriber=subscriber,
+    )
 
 
 def _stored_states(state: model.DeliveryState) -> list[str]:
