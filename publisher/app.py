@@ -94,7 +94,8 @@ class PublisherApp:
         if path is not None:
             # The only publisher on this file: new deliveries can be leased to it at once.
             store.taker = dispatcher
-        if path is None:
+        else:
+            # Replicas share the work: tell each other when some becomes due.
             self._wakeup = PostgresWakeup(settings.database_url, dispatcher.wake)
             self._wakeup.start()
         notifier = Notifier(
