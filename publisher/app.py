@@ -79,7 +79,9 @@ class PublisherApp:
         guard = ssrf.Guard(settings.allow_cidrs)
         self._transports = {
             model.Protocol.GRPC: GrpcTransport(now=time.time),
-            model.Protocol.HTTP: HttpTransport(guard=guard),
+            model.Protocol.HTTP: HttpTransport(
+                guard=guard, connect_timeout=settings.connect_timeout
+            ),
         }
         dispatcher = self._dispatcher = Dispatcher(
             store,

@@ -20,6 +20,8 @@ class Settings:
     database_url: str = "sqlite:///webhooks.db"
     issuer: str = DEFAULT_ISSUER
     delivery_timeout: float = 15.0
+    # HTTP deliveries: how long establishing a connection may take, within the timeout.
+    connect_timeout: float = 5.0
     max_payload_bytes: int = 1024 * 1024
     max_in_flight: int = 256
     claim_batch: int = 256
@@ -46,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     config.add(p, "--database-url", "sqlite:///webhooks.db", "SQLite file or PostgreSQL URL")
     config.add(p, "--name", DEFAULT_ISSUER, "this publisher's name, the JWT issuer")
     config.add(p, "--delivery-timeout", "15", "seconds one delivery attempt may take")
+    config.add(p, "--connect-timeout", "5", "seconds an HTTP delivery may take to connect")
     config.add(p, "--max-payload-bytes", str(1024 * 1024), "largest accepted event payload")
     config.add(p, "--max-in-flight", "256", "deliveries sent at the same time")
     config.add(p, "--claim-batch", "256", "deliveries claimed per database round trip")
@@ -84,6 +87,7 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         database_url=args.database_url,
         issuer=args.name,
         delivery_timeout=_positive(p, args.delivery_timeout, "--delivery-timeout"),
+        connect_timeout=_positive(p, args.connect_timeout, "--connect-timeout"),
         max_payload_bytes=int(_positive(p, args.max_payload_bytes, "--max-payload-bytes")),
         max_in_flight=int(_positive(p, args.max_in_flight, "--max-in-flight")),
         claim_batch=int(_positive(p, args.claim_batch, "--claim-batch")),

@@ -1,0 +1,49 @@
+"""The publisher's flags: defaults, environment fallbacks, and refusals that name the flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from publisher import settings
+
+
+def test_defaults_are_the_embedded_loopback_setup() -> None:
+    parsed = settings.parse([])
+    assert (parsed.host, parsed.port) == ("127.0.0.1", 50051)
+    assert parsed.database_url == "sqlite:///webhooks.db"
+    assert parsed.delivery_timeout == 15.0
+    assert parsed.connect_timeout == 5.0
+    assert parsed.allow_cidrs == ()
+    assert parsed.smtp.host == ""
+
+
+def test_environment_variables_fill_in_for_missing_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOKS_DATABASE_URL", "postgresql://db/webhooks")
+    monkeypatch.setenv("WEBHOOKS_ALLOW_CIDR", "127.0.0.0/8, 10.1.0.0/16")
+    monkeypatch.setenv("WEBHOOKS_CONNECT_TIMEOUT", "2.5")
+    parsed = settings.parse(["--listen", "0.0.0.0:6000"])
+    assert parsed.database_url == "postgresql://db/webhooks"
+    assert parsed.allow_cidrs == ("127.0.0.0/8", "10.1.0.0/16")
+    assert parsed.connect_timeout == 2.5
+    assert (parsed.host, parsed.port) == ("0.0.0.0", 6000)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--delivery-timeout", "0"], "--delivery-timeout"),
+        (["--connect-timeout", "soon"], "--connect-timeout"),
+        (["--allow-cidr", "not-a-range"], "--allow-cidr"),
+        (["--listen", "nohost"], "--listen"),
+        (["--reconcile-interval", "-1"], "--reconcile-interval"),
+        (["--smtp-port", "0"], "--smtp-port"),
+    ],
+)
+def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        settings.parse(argv)
+    assert stopped.value.code != 0
+    message = capsys.readouterr().err + str(stopped.value.code)
+    assert flag in message
