@@ -80,12 +80,7 @@ def sign_delivery(
     payload: bytes,
     now: float,
 ) -> str:
-    """A short-lived HS256 token that binds one attempt and its exact payload.
-
-    Encoded here rather than by PyJWT: this runs once per delivery attempt, and
-    the plain JWS compact form costs less than half as much. Tests verify the
-    result with PyJWT.
-    """
+    """A short-lived HS256 token that binds one attempt and its exact payload."""
     issued = int(now)
     claims = {
         "iss": issuer,
@@ -98,6 +93,15 @@ def sign_delivery(
         "attempt": attempt,
         "body_sha256": body_sha256(payload),
     }
+    return _encode(claims, key)
+
+
+def _encode(claims: Mapping[str, Any], key: bytes) -> str:
+    """The HS256 JWS compact form of ``claims``.
+
+    Encoded here rather than by PyJWT: it runs once per delivery attempt, and
+    this costs less than half as much. Tests verify the result with PyJWT.
+    """
     body = _base64url(json.dumps(claims, separators=(",", ":")).encode())
     signed = f"{_JWT_HEADER}.{body}"
     signature = hmac.new(key, signed.encode(), hashlib.sha256).digest()
@@ -157,7 +161,8 @@ def verify_delivery(
 
 @contextlib.contextmanager
 def _short_key_allowed(key: bytes) -> Iterator[None]:
-    """Silences PyJWT's warning for 24-31 byte keys, which Standard Webhooks secrets may be."""
+    """Silences PyJWT's warning (on verifying) for 24-31 byte keys, which Standard
+    Webhooks secrets may be."""
     if len(key) >= HS256_RECOMMENDED_BYTES:
         yield
         return
@@ -176,8 +181,7 @@ def sign_catch_up(key: bytes, *, subscriber_id: str, audience: str, now: float) 
         "exp": issued + JWT_LIFETIME_SECONDS,
         "jti": uuid.uuid4().hex,
     }
-    with _short_key_allowed(key):
-        return jwt.encode(claims, key, algorithm=JWT_ALGORITHM)
+    return _encode(claims, key)
 
 
 def verify_catch_up(token: str, key: bytes, *, subscriber_id: str, audience: str) -> None:
