@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias
 
 import grpc
 import grpc.aio
-import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
 from subscriber import app, handlers, inbox
-from tests.subscriber_apps import Handled, SubscriberApps
+from tests.subscriber_apps import Handled, SubscriberApps, delivery_token
 from tests.support import eventually
 
 KEY = os.urandom(32)
@@ -52,19 +49,15 @@ def token(
     issued_ago: int = 0,
     event_type: str = "order.created",
 ) -> str:
-    issued = int(time.time()) - issued_ago
-    claims = {
-        "iss": "tests",
-        "aud": audience,
-        "iat": issued,
-        "exp": issued + 300,
-        "jti": uuid.uuid4().hex,
-        "event_id": event_id,
-        "event_type": event_type,
-        "attempt": 1,
-        "body_sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    return jwt.encode(claims, "" if algorithm == "none" else key, algorithm=algorithm)
+    return delivery_token(
+        event_id,
+        payload,
+        key=key,
+        audience=audience,
+        algorithm=algorithm,
+        issued_ago=issued_ago,
+        event_type=event_type,
+    )
 
 
 def request(event_id: str, payload: bytes = b'{"order":1}') -> subscriber_pb2.ReceiveRequest:

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import os
 import re
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import grpc.aio
-import jwt
 import pytest
 from standardwebhooks.webhooks import Webhook
 
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
 from subscriber import app, inbox
-from tests.subscriber_apps import Handled, SubscriberApps
+from tests.subscriber_apps import Handled, SubscriberApps, delivery_token
 
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -33,19 +30,8 @@ PAYLOAD = '{"order":1,"total":"9.90"}'
 
 
 def token(event_id: str, payload: bytes, *, event_type: str = "order.created") -> str:
-    issued = int(time.time())
-    claims = {
-        "iss": "tests",
-        "aud": AUDIENCE,
-        "iat": issued,
-        "exp": issued + 300,
-        "jti": uuid.uuid4().hex,
-        "event_id": event_id,
-        "event_type": event_type,
-        "attempt": 1,
-        "body_sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    return "Bearer " + jwt.encode(claims, KEY, algorithm="HS256")
+    signed = delivery_token(event_id, payload, key=KEY, audience=AUDIENCE, event_type=event_type)
+    return "Bearer " + signed
 
 
 def standard_headers(
