@@ -20,18 +20,7 @@ async def main() -> None:
         seen.add(request.headers.get("webhook-delivery-id", event_id), event_id)
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    runtime.say({"ready": True, "url": f"http://{host}:{port}/hook"})
-    try:
-        await runtime.serve_commands(seen.handle)
-    finally:
-        await runner.cleanup()
+    await runtime.serve_hook(receive, seen.handle)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,7 @@ async def serve() -> None:
         await request.read()
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    runtime.say({"ready": True, "url": f"http://{host}:{port}/hook"})
-    try:
-        await runtime.serve_commands(_no_commands)
-    finally:
-        await runner.cleanup()
+    await runtime.serve_hook(answer, _no_commands)
 
 
 async def _no_commands(command: dict[str, Any]) -> dict[str, Any]:

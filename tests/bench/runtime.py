@@ -13,6 +13,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from aiohttp import web
+
 PAYLOAD_BYTES = 1024
 EVENT_TYPE = "bench.event"
 # Large enough for a 1,000-event EmitBatch of 1 KiB payloads.
@@ -23,6 +25,7 @@ GRPC_OPTIONS = [
 ]
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+WebHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -70,3 +73,19 @@ async def serve_commands(handle: Handler) -> None:
     for task in (commands, stopped):
         task.cancel()
     await asyncio.gather(commands, stopped, return_exceptions=True)
+
+
+async def serve_hook(answer: WebHandler, commands: Handler) -> None:
+    """Serves ``POST /hook`` on 127.0.0.1, port 0; says where, then takes commands."""
+    app = web.Application()
+    app.router.add_post("/hook", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    say({"ready": True, "url": f"http://{host}:{port}/hook"})
+    try:
+        await serve_commands(commands)
+    finally:
+        await runner.cleanup()
