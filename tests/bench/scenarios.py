@@ -204,7 +204,7 @@ async def _profile(group: procs.Group, publisher: cluster.Publisher, output: Pat
     process = await group.start(
         "py-spy",
         [procs.PY_SPY, "record", "--pid", str(publisher.process.pid), "--rate", "250",
-         "--nonblocking", "--format", "raw", "--output", str(output)],
+         "--nonblocking", "--gil", "--format", "raw", "--output", str(output)],
     )  # fmt: skip
     # py-spy needs a moment to attach before the load starts.
     await asyncio.sleep(1.0)
