@@ -848,26 +848,21 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 
 def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
-    """Claims for leased rows, with their events and subscribers read in one query."""
+    """Claims for leased rows, with their events, and their few subscribers read once each."""
     if not leased:
         return []
     details = conn.execute(
-        sa.select(
-            deliveries.c.id.label("delivery_id"),
-            *[column.label(f"e_{column.name}") for column in events.c],
-            *[column.label(f"s_{column.name}") for column in subscribers.c],
-        )
-        .select_from(deliveries.join(events).join(subscribers))
+        sa.select(deliveries.c.id.label("delivery_id"), deliveries.c.subscriber_id, *events.c)
+        .select_from(deliveries.join(events))
         .where(deliveries.c.id.in_([row.id for row in leased]))
     )
-    by_id = {row.delivery_id: row._mapping for row in details}
+    by_id = {row.delivery_id: row for row in details}
+    wanted = {row.subscriber_id for row in by_id.values()}
+    query = subscribers.select().where(subscribers.c.id.in_(wanted))
+    audience = {subscriber.id: subscriber for subscriber in _subscribers(conn, query)}
     claims = []
-    subscriber_cache: dict[str, model.Subscriber] = {}
     for row in leased:
         detail = by_id[row.id]
-        subscriber_id = detail["s_id"]
-        if subscriber_id not in subscriber_cache:
-            subscriber_cache[subscriber_id] = _subscriber(_prefixed(detail, "s_"))
         claims.append(
             model.Claim(
                 delivery_id=row.id,
@@ -875,8 +870,8 @@ def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
                 attempts_in_round=row.round_attempts,
                 round_started_at=row.round_started_at,
                 last_outcome=row.last_outcome,
-                event=_event(_prefixed(detail, "e_")),
-                subscriber=subscriber_cache[subscriber_id],
+                event=_event(detail._mapping),
+                subscriber=audience[detail.subscriber_id],
             )
         )
     return claims
@@ -1035,10 +1030,6 @@ def _load_delivery(conn: Connection, delivery_id: str) -> model.Delivery:
 
 def _subscribers(conn: Connection, query: sa.Select[Any]) -> list[model.Subscriber]:
     return [_subscriber(row._mapping) for row in conn.execute(query)]
-
-
-def _prefixed(mapping: Any, prefix: str) -> dict[str, Any]:
-    return {key[len(prefix) :]: value for key, value in mapping.items() if key.startswith(prefix)}
 
 
 def _subscriber_row(subscriber: model.Subscriber) -> dict[str, Any]:
