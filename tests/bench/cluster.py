@@ -1,5 +1,8 @@
 """The publisher under test: started as ``python -m publisher``, driven through its gRPC API.
 
+The bare relay of the floor scenarios (tests.bench.relay) serves the same API and is
+started and driven the same way.
+
 Also the PostgreSQL databases the bench creates for it and drops afterwards.
 """
 
@@ -83,11 +86,10 @@ class Publisher:
 async def start_publisher(
     group: procs.Group, database_url: str, *, max_in_flight: int, name: str = "publisher"
 ) -> Publisher:
-    process = await group.start(
+    return await _serve(
+        group,
         name,
         [
-            procs.PYTHON,
-            "-m",
             "publisher",
             "--listen",
             "127.0.0.1:0",
@@ -100,6 +102,22 @@ async def start_publisher(
             "127.0.0.0/8",
         ],
     )
+
+
+async def start_relay(
+    group: procs.Group, deliver: str, *, max_in_flight: int, name: str = "relay"
+) -> Publisher:
+    """The floor (tests.bench.relay) in the publisher's place: same API, same ready line."""
+    return await _serve(
+        group,
+        name,
+        ["tests.bench.relay", "--deliver", deliver, "--max-in-flight", str(max_in_flight)],
+    )
+
+
+async def _serve(group: procs.Group, name: str, module_args: list[str]) -> Publisher:
+    """Starts ``python -m <module_args>`` and waits for its ``serving`` log line."""
+    process = await group.start(name, [procs.PYTHON, "-m", *module_args])
     serving = await group.wait_log(
         process, lambda line: line.get("event") == "serving", SERVING_TIMEOUT
     )

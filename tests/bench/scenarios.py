@@ -122,6 +122,8 @@ def _check_clean(measured: dict[str, Any]) -> None:
 
 
 # -- end to end: load generator -> publisher(s) -> ack subscriber ---------------------------
+# The floor rows put tests.bench.relay in the publisher's place: the same load, ack and
+# measurement, with nothing persisted or signed.
 
 
 @dataclass(frozen=True)
@@ -133,31 +135,57 @@ class Load:
     rate: float = 0.0
 
 
+def _unary_load(config: Config) -> Load:
+    return Load("unary", config.unary_events, config.concurrency)
+
+
+def _batch_load(config: Config) -> Load:
+    return Load("batch", config.batch_events, config.batch_concurrency, config.batch_size)
+
+
+def _http_load(config: Config) -> Load:
+    return Load("batch", config.http_events, config.batch_concurrency, config.batch_size)
+
+
+# Starts what takes the load (publishers, or the floor's relay) in the group; the first
+# answered is the one the subscriber is registered with and the deliveries are asked of.
+Start = Callable[[procs.Group], Awaitable[list[cluster.Publisher]]]
+
+
+def _publishers(database_urls: list[str], max_in_flight: int) -> Start:
+    async def start(group: procs.Group) -> list[cluster.Publisher]:
+        if not database_urls[0].startswith("sqlite"):
+            await cluster.migrate(group, database_urls[0])
+        return [
+            await cluster.start_publisher(
+                group, url, max_in_flight=max_in_flight, name=f"publisher{index}"
+            )
+            for index, url in enumerate(database_urls)
+        ]
+
+    return start
+
+
+def _relay(deliver: str, max_in_flight: int) -> Start:
+    async def start(group: procs.Group) -> list[cluster.Publisher]:
+        return [await cluster.start_relay(group, deliver, max_in_flight=max_in_flight)]
+
+    return start
+
+
 async def _e2e_run(
-    bench: Bench,
-    result: Result,
-    *,
-    run: int,
-    ack: str,
-    load: Load,
-    database_urls: list[str],
+    bench: Bench, result: Result, *, run: int, ack: str, load: Load, start: Start
 ) -> None:
-    """One run: emit ``load.count`` events, time until the publisher has them all delivered."""
+    """One run: emit ``load.count`` events, time until the first publisher started (or the
+    relay) reports them all delivered."""
     config = bench.config
     stem = f"{result.name}-{run}"
     emits = config.workdir / f"{stem}-emits.json"
     receipts = config.workdir / f"{stem}-receipts.json"
     budget = 60 + load.count / 100
     async with bench.group() as group:
-        if not database_urls[0].startswith("sqlite"):
-            await cluster.migrate(group, database_urls[0])
         subscriber, ready = await group.helper(ack)
-        publishers = [
-            await cluster.start_publisher(
-                group, url, max_in_flight=config.concurrency, name=f"publisher{index}"
-            )
-            for index, url in enumerate(database_urls)
-        ]
+        publishers = await start(group)
         first = publishers[0]
         subscriber_id = await first.register(ready.get("address") or ready["url"])
         profilers = []
@@ -183,7 +211,9 @@ async def _e2e_run(
             await profiler.stop(grace=30, sig=signal.SIGINT)
         delivered = await first.count(cluster.DELIVERED, subscriber_id=subscriber_id)
         if delivered != load.count:
-            raise RuntimeError(f"the publisher reports {delivered} of {load.count} delivered")
+            raise RuntimeError(
+                f"{first.process.name} reports {delivered} of {load.count} delivered"
+            )
         await subscriber.request({"cmd": "dump", "path": str(receipts)}, 60)
     began = emitted["first_start"]
     latencies = stats.latencies(emits, receipts)
@@ -200,7 +230,7 @@ async def _e2e_run(
 
 
 async def _profile(group: procs.Group, publisher: cluster.Publisher, output: Path) -> procs.Process:
-    """py-spy samples the publisher until stopped with SIGINT (only with --profile)."""
+    """py-spy samples the publisher (or relay) until stopped with SIGINT (only with --profile)."""
     process = await group.start(
         "py-spy",
         [procs.PY_SPY, "record", "--pid", str(publisher.process.pid), "--rate", "250",
@@ -231,29 +261,22 @@ async def _sqlite_runs(
     for run in range(runs or bench.config.runs):
         stem = f"{result.name}-{run}"
         try:
-            await _e2e_run(
-                bench, result, run=run, ack=ack, load=load, database_urls=[_sqlite(bench, stem)]
-            )
+            start = _publishers([_sqlite(bench, stem)], bench.config.concurrency)
+            await _e2e_run(bench, result, run=run, ack=ack, load=load, start=start)
         finally:
             _forget(bench, stem)
 
 
 async def e2e_grpc_unary(bench: Bench, result: Result) -> None:
-    config = bench.config
-    load = Load("unary", config.unary_events, config.concurrency)
-    await _sqlite_runs(bench, result, "ack_grpc", load)
+    await _sqlite_runs(bench, result, "ack_grpc", _unary_load(bench.config))
 
 
 async def e2e_grpc_batch(bench: Bench, result: Result) -> None:
-    config = bench.config
-    load = Load("batch", config.batch_events, config.batch_concurrency, config.batch_size)
-    await _sqlite_runs(bench, result, "ack_grpc", load)
+    await _sqlite_runs(bench, result, "ack_grpc", _batch_load(bench.config))
 
 
 async def e2e_http(bench: Bench, result: Result) -> None:
-    config = bench.config
-    load = Load("batch", config.http_events, config.batch_concurrency, config.batch_size)
-    await _sqlite_runs(bench, result, "ack_http", load)
+    await _sqlite_runs(bench, result, "ack_http", _http_load(bench.config))
 
 
 async def latency_at_half_load(bench: Bench, result: Result) -> None:
@@ -264,8 +287,7 @@ async def latency_at_half_load(bench: Bench, result: Result) -> None:
     if full is None:
         # Not measured in this invocation (--only): measure it once here.
         probe = Result("half-load-probe", "")
-        load = Load("unary", config.unary_events, config.concurrency)
-        await _sqlite_runs(bench, probe, "ack_grpc", load, runs=1)
+        await _sqlite_runs(bench, probe, "ack_grpc", _unary_load(config), runs=1)
         full = probe.median("rate")
         assert full is not None
         result.notes.append(f"e2e_grpc_unary measured once here: {full:,.0f} events/s")
@@ -273,6 +295,25 @@ async def latency_at_half_load(bench: Bench, result: Result) -> None:
     result.notes.append(f"paced at {rate:,.0f} events/s, half the e2e_grpc_unary rate")
     load = Load("paced", max(1, round(rate * config.paced_seconds)), config.concurrency, rate=rate)
     await _sqlite_runs(bench, result, "ack_grpc", load)
+
+
+async def _relay_runs(bench: Bench, result: Result, ack: str, load: Load) -> None:
+    deliver = "http" if ack == "ack_http" else "grpc"
+    for run in range(bench.config.runs):
+        start = _relay(deliver, bench.config.concurrency)
+        await _e2e_run(bench, result, run=run, ack=ack, load=load, start=start)
+
+
+async def floor_grpc_unary(bench: Bench, result: Result) -> None:
+    await _relay_runs(bench, result, "ack_grpc", _unary_load(bench.config))
+
+
+async def floor_grpc_batch(bench: Bench, result: Result) -> None:
+    await _relay_runs(bench, result, "ack_grpc", _batch_load(bench.config))
+
+
+async def floor_http(bench: Bench, result: Result) -> None:
+    await _relay_runs(bench, result, "ack_http", _http_load(bench.config))
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -286,9 +327,8 @@ async def _postgres(bench: Bench, result: Result, replicas: int) -> None:
     load = Load("batch", config.postgres_events, config.batch_concurrency, config.batch_size)
     for run in range(config.runs):
         async with cluster.postgres_database(config.postgres_url) as url:
-            await _e2e_run(
-                bench, result, run=run, ack="ack_grpc", load=load, database_urls=[url] * replicas
-            )
+            start = _publishers([url] * replicas, config.concurrency)
+            await _e2e_run(bench, result, run=run, ack="ack_grpc", load=load, start=start)
 
 
 async def e2e_grpc_batch_pg_1(bench: Bench, result: Result) -> None:
@@ -409,6 +449,18 @@ async def fanout(bench: Bench, result: Result) -> None:
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "raw_grpc_unary": ("bare grpc.aio unary calls, no persistence", raw_grpc_unary),
     "raw_http_post": ("bare aiohttp POSTs of 1 KiB", raw_http_post),
+    "floor_grpc_unary": (
+        "bare relay: Emit -> memory -> gRPC, no persistence or signing",
+        floor_grpc_unary,
+    ),
+    "floor_grpc_batch": (
+        "bare relay: EmitBatch -> memory -> gRPC, no persistence or signing",
+        floor_grpc_batch,
+    ),
+    "floor_http": (
+        "bare relay: EmitBatch -> memory -> HTTP, no persistence or signing",
+        floor_http,
+    ),
     "e2e_grpc_unary": ("Emit per event -> SQLite -> gRPC ack", e2e_grpc_unary),
     "e2e_grpc_batch": ("EmitBatch -> SQLite -> gRPC ack", e2e_grpc_batch),
     "e2e_http": ("EmitBatch -> SQLite -> HTTP ack", e2e_http),
