@@ -80,7 +80,11 @@ class PublisherApp:
         self._transports = {
             model.Protocol.GRPC: GrpcTransport(now=time.time),
             model.Protocol.HTTP: HttpTransport(
-                guard=guard, connect_timeout=settings.connect_timeout
+                guard=guard,
+                connect_timeout=settings.connect_timeout,
+                # Every delivery in flight may hold a connection; fewer would queue sends
+                # behind the pool while the dispatcher counts them as in flight.
+                pool_limit=settings.max_in_flight,
             ),
         }
         dispatcher = self._dispatcher = Dispatcher(

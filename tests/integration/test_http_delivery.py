@@ -348,6 +348,24 @@ async def test_a_500_is_retried_on_the_schedule_and_the_log_keeps_the_body_excer
     assert len(receiver.posts("/flaky")) == 2
 
 
+async def test_every_delivery_in_flight_holds_its_own_connection(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """With --max-in-flight above aiohttp's default pool of 100, a slow subscriber still gets
+    every one of the deliveries in flight at once, rather than 100 and a queue."""
+    in_flight = 120
+    stub = (await open_publisher(max_in_flight=in_flight)).stub
+    endpoint = receiver.script("/slow", Answer(hang=True))
+    await register(stub, endpoint, protocol=HTTP)
+    batch = [publisher_pb2.EmitRequest(type=EVENT_TYPE, payload=PAYLOAD)] * in_flight
+    await stub.EmitBatch(publisher_pb2.EmitBatchRequest(events=batch))
+
+    async def all_arrived() -> bool:
+        return len(receiver.posts("/slow")) == in_flight
+
+    await eventually(all_arrived, what=f"{in_flight} POSTs held open at once")
+
+
 async def test_a_redirect_fails_every_attempt_and_its_target_is_never_requested(
     open_publisher: OpenPublisher, receiver: Receiver
 ) -> None:
