@@ -15,11 +15,11 @@ from google.protobuf import duration_pb2
 
 from common import db, signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import migrate, model
+from publisher import migrate, model, statements
 from publisher.app import PublisherApp
 from publisher.schema import attempts, deliveries
 from publisher.settings import Settings
-from publisher.store import AttemptRecord, Store, due_query
+from publisher.store import AttemptRecord, Store
 from tests.soak import free_port
 from tests.support import FakeSubscriber, Process, eventually
 
@@ -95,7 +95,7 @@ async def test_a_leased_delivery_is_not_claimed_again_until_its_lease_runs_out(
 
 async def test_claiming_reads_due_deliveries_through_the_partial_index(store: Store) -> None:
     """The claim query is answered from ix_deliveries_due, so the backlog size does not matter."""
-    query = due_query(time.time(), 100)
+    query = statements.DUE.params(b_now=time.time(), b_limit=100)
     async with store.engine.connect() as conn:
         compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
         if store.engine.dialect.name == "sqlite":
