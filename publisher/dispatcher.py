@@ -14,8 +14,10 @@ instead of sent again or dead-lettered.
 
 It sleeps until the store says there is new work (an Emit committed, an outcome
 scheduled a retry) or the earliest pending delivery comes due, so the happy
-path has no poll interval. Sends run concurrently up to ``max_in_flight``; each
-outcome goes through the pure retry policy and then back to the store, which
+path has no poll interval. A slot freed by a finished send makes it claim only
+if something may be due: at low load every delivery frees a slot, and a claim
+that finds nothing is a transaction for nothing. Sends run concurrently up to
+``max_in_flight``; each outcome goes through the pure retry policy and then back to the store, which
 writes it only if this process still holds the delivery's lease.
 """
 
@@ -77,6 +79,10 @@ class Dispatcher:
         self._reserved = 0
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        # Whether a claim now may find work: new work and a claim that came back full say
+        # so. A claim that came back short says when the next delivery is due instead.
+        self._maybe_due = True
+        self._next_due = 0.0
 
     @property
     def owner(self) -> str:
@@ -87,6 +93,8 @@ class Dispatcher:
         return self._timeout + min(LEASE_MARGIN_SECONDS, 2 * self._timeout)
 
     def wake(self) -> None:
+        """New work: deliveries may be due now."""
+        self._maybe_due = True
         self._wakeup.set()
 
     def reserve(self, wanted: int) -> int:
@@ -147,6 +155,12 @@ class Dispatcher:
                 # A finished send or a committed outcome wakes us.
                 await self._sleep(IDLE_POLL_SECONDS)
                 continue
+            if not self._maybe_due and self._now() < self._next_due:
+                # Slots are free but nothing is due before _next_due, unless new work wakes us.
+                await self._sleep(self._next_due - self._now())
+                continue
+            # Cleared before the claim, so that new work arriving during it is not missed.
+            self._maybe_due = False
             try:
                 claims, due = await self._store.claim_round(self._owner, wanted, self.lease_seconds)
             except Exception:
@@ -154,10 +168,16 @@ class Dispatcher:
                 claims, due = [], None
             for claim in claims:
                 self._start(claim)
-            if len(claims) < wanted:
-                # Nothing more is due now: sleep until the next one is, or a wake-up.
-                wait = IDLE_POLL_SECONDS if due is None else due - self._now()
-                await self._sleep(min(IDLE_POLL_SECONDS, wait))
+            if len(claims) == wanted:
+                self._maybe_due = True
+                continue
+            # Nothing more is due now: not before the next one is, and look again within
+            # the idle poll (another replica may have left work behind, or a clock jumped).
+            now = self._now()
+            self._next_due = (
+                now + IDLE_POLL_SECONDS if due is None else min(due, now + IDLE_POLL_SECONDS)
+            )
+            await self._sleep(self._next_due - now)
 
     def _start(self, claim: model.Claim) -> None:
         task = asyncio.create_task(self._deliver(claim))
@@ -210,6 +230,8 @@ class Dispatcher:
             log.event(logger, "reconciled", confirmed=len(confirmed))
         if unconfirmed:
             await self._store.release_unconfirmed(unconfirmed, self._owner)
+            # Given back at their scheduled times, some of which may have passed.
+            self.wake()
 
     def _attempt_for(self, claim: model.Claim) -> tx.Attempt:
         subscriber = claim.subscriber

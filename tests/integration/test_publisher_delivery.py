@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -13,7 +13,9 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from publisher import dispatcher
 from publisher.app import PublisherApp
+from publisher.store import Store
 from tests.support import FakeSubscriber, claims_of, eventually
 
 if TYPE_CHECKING:
@@ -85,6 +87,35 @@ async def test_emitted_event_is_delivered_with_a_jwt_anyone_can_verify(
     assert claims["attempt"] == 1
     assert claims["body_sha256"] == hashlib.sha256(b'{"amount": 42}').hexdigest()
     assert claims["exp"] - claims["iat"] <= 600
+
+
+async def test_a_send_that_frees_a_slot_with_nothing_due_costs_no_claim(
+    stub: Stub,
+    subscriber: FakeSubscriber,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One event at a time, as at low load. On SQLite each emit leases its delivery to the
+    dispatcher itself; on PostgreSQL the emit and its NOTIFY wake the dispatcher to claim it.
+    Either way, a finished send or a recorded outcome with nothing due claims nothing."""
+    monkeypatch.setattr(dispatcher, "IDLE_POLL_SECONDS", 60.0)
+    claims = 0
+    claim_round = Store.claim_round
+
+    async def counted(store: Store, *args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim_round(store, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim_round", counted)
+    await register(stub, f"127.0.0.1:{subscriber.port}")
+    events = 10
+    for _ in range(events):
+        emitted = await emit(stub)
+        await delivery_in(stub, emitted.event_id, DELIVERED)
+
+    # Plus one: a poll of the unpatched interval may have been under way.
+    assert claims <= 1 + (0 if database_url.startswith("sqlite") else 2 * events)
 
 
 async def test_emit_is_committed_before_it_answers(stub: Stub) -> None:
