@@ -1,7 +1,9 @@
 """A closed-loop driver: ``concurrency`` workers call as fast as answers come back.
 
 Calls finished during the warm-up are not counted; the rate is the calls
-finished in the measured window divided by its length.
+finished in the measured window divided by its length. The CPU this process
+spent in that window is reported beside it, and the calls of the whole run, by
+which the server's CPU over the run can be divided.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ async def drive(
     measure_from = begin + warmup
     end = measure_from + seconds
     counted = 0
+    total = 0
     errors = 0
     last_error = ""
+    cpu: list[float] = []
+
+    async def read_cpu_at(when: float) -> None:
+        await asyncio.sleep(when - time.monotonic())
+        cpu.append(time.process_time())
 
     async def worker() -> None:
-        nonlocal counted, errors, last_error
+        nonlocal counted, total, errors, last_error
         while time.monotonic() < end:
             try:
                 await call()
@@ -31,15 +39,20 @@ async def drive(
                 errors += 1
                 last_error = repr(error)
                 continue
+            total += 1
             finished = time.monotonic()
             if measure_from <= finished <= end:
                 counted += 1
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(
+        read_cpu_at(measure_from), read_cpu_at(end), *(worker() for _ in range(concurrency))
+    )
     return {
         "calls": counted,
+        "calls_total": total,
         "seconds": seconds,
         "rate": counted / seconds,
+        "cpu_seconds": cpu[1] - cpu[0],
         "errors": errors,
         "last_error": last_error,
     }

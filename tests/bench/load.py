@@ -111,10 +111,12 @@ async def main(args: argparse.Namespace) -> None:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), 10.0)
         load = Load([publisher_pb2_grpc.PublisherServiceStub(c) for c in channels], args.event_type)
+        cpu_before = time.process_time()
         if args.mode == "paced":
             await paced(load, args)
         else:
             await closed_loop(load, args)
+        cpu_seconds = time.process_time() - cpu_before
     finally:
         for channel in channels:
             await channel.close(None)
@@ -124,6 +126,7 @@ async def main(args: argparse.Namespace) -> None:
         "first_start": load.first_start,
         "last_end": load.last_end,
         "late": load.late,
+        "cpu_seconds": cpu_seconds,
     }
     runtime.say(summary)
 

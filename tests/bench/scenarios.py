@@ -14,9 +14,11 @@ from typing import Any
 
 from common.gen.webhooks.v1 import publisher_pb2
 
-from . import backlog, cluster, procs, runtime, stats
+from . import backlog, cluster, cpu, procs, runtime, stats
 
 PY = [procs.PYTHON, "-m"]
+# CPU time per event (or call) of one process, user and system, all its threads.
+CPU_UNIT = "µs/event"
 
 
 class Skip(Exception):
@@ -103,15 +105,19 @@ async def _raw(
     config = bench.config
     for _ in range(config.runs):
         async with bench.group() as group:
-            _, ready = await group.helper(module, "serve")
+            server, ready = await group.helper(module, "serve")
+            server_cpu = cpu.process(server.pid)
             client = await group.start(
                 f"{module}-{client_verb[0]}",
                 [*PY, f"tests.bench.{module}", *client_verb, ready[ready_key],
                  "--concurrency", str(config.concurrency), "--seconds", str(config.raw_seconds)],
             )  # fmt: skip
             measured = await client.finish(config.raw_seconds + 30)
+            server_cpu = cpu.process(server.pid) - server_cpu
         _check_clean(measured)
         result.add("rate", unit, measured["rate"])
+        result.add("cpu_client", "µs/call", 1e6 * measured["cpu_seconds"] / measured["calls"])
+        result.add("cpu_server", "µs/call", 1e6 * server_cpu / measured["calls_total"])
 
 
 def _check_clean(measured: dict[str, Any]) -> None:
@@ -193,6 +199,7 @@ async def _e2e_run(
             for index, publisher in enumerate(publishers):
                 output = config.profile_dir / f"{stem}-{index}.txt"
                 profilers.append(await _profile(group, publisher, output))
+        usage = _Usage(subscriber, [p.process for p in publishers])
         generator = await group.start(
             "load",
             [*PY, "tests.bench.load", *[f"--target={p.address}" for p in publishers],
@@ -207,6 +214,7 @@ async def _e2e_run(
         if not arrived["reached"]:
             raise RuntimeError(f"{arrived['count']} of {load.count} deliveries in {budget:g}s")
         settled = await first.settled_at(within=budget, subscriber_id=subscriber_id)
+        usage.stop()
         for profiler in profilers:
             await profiler.stop(grace=30, sig=signal.SIGINT)
         delivered = await first.count(cluster.DELIVERED, subscriber_id=subscriber_id)
@@ -221,12 +229,46 @@ async def _e2e_run(
     result.add("emit_rate", "events/s", load.count / (emitted["last_end"] - began))
     result.add("p50", "ms", 1000 * stats.percentile(latencies, 0.5))
     result.add("p99", "ms", 1000 * stats.percentile(latencies, 0.99))
+    usage.report(result, load.count, emitted["cpu_seconds"])
     if arrived["repeats"]:
         result.notes.append(f"run {run}: {arrived['repeats']} deliveries arrived twice")
     if emitted["late"]:
         result.notes.append(f"run {run}: {emitted['late']} paced emits started late")
     for path in (emits, receipts):
         path.unlink(missing_ok=True)
+
+
+class _Usage:
+    """The CPU the subscriber and the publishers (or the relay) spend while the load runs,
+    and how many of the machine's cores were busy meanwhile."""
+
+    def __init__(self, subscriber: procs.Process, publishers: list[procs.Process]) -> None:
+        self._subscriber = subscriber
+        self._publishers = publishers
+        self._machine = cpu.Machine.read()
+        self._before = self._read()
+        self._spent: dict[str, float] = {}
+        self._cores = 0.0
+
+    def _read(self) -> dict[str, float]:
+        reading = {"subscriber": cpu.process(self._subscriber.pid), "publisher": 0.0, "loop": 0.0}
+        for publisher in self._publishers:
+            reading["publisher"] += cpu.process(publisher.pid)
+            # The event loop's share; the rest is the store's thread (SQLite) and gRPC's own.
+            reading["loop"] += cpu.main_thread(publisher.pid)
+        return reading
+
+    def stop(self) -> None:
+        after = self._read()
+        self._spent = {key: after[key] - self._before[key] for key in after}
+        self._cores = cpu.Machine.read().cores_busy_since(self._machine)
+
+    def report(self, result: Result, events: int, load_cpu: float) -> None:
+        result.add("cpu_load", CPU_UNIT, 1e6 * load_cpu / events)
+        result.add("cpu_publisher", CPU_UNIT, 1e6 * self._spent["publisher"] / events)
+        result.add("cpu_publisher_loop", CPU_UNIT, 1e6 * self._spent["loop"] / events)
+        result.add("cpu_subscriber", CPU_UNIT, 1e6 * self._spent["subscriber"] / events)
+        result.add("cores_busy", "cores", self._cores)
 
 
 async def _profile(group: procs.Group, publisher: cluster.Publisher, output: Path) -> procs.Process:
