@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import logging
 import secrets
@@ -196,6 +197,9 @@ async def main(args: argparse.Namespace) -> None:
     publisher_pb2_grpc.add_PublisherServiceServicer_to_server(relay, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    # As the publisher does after starting: a floor that paid for collections the product
+    # avoids would not be a floor.
+    gc.freeze()
     workers = [asyncio.create_task(relay.work()) for _ in range(args.max_in_flight)]
     # The publisher's ready line: tests.bench.cluster waits for it and reads the address.
     log.event(logger, "serving", grpc=f"127.0.0.1:{port}", deliver=args.deliver)

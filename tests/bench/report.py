@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import scenarios
+from . import budget, scenarios
 
 # (ratio, numerator scenario and figure, denominator scenario and figure)
 RATIOS = [
@@ -87,6 +87,10 @@ def verdicts(bench: scenarios.Bench, found: dict[str, float | None]) -> list[dic
     return rows
 
 
+def budgets(bench: scenarios.Bench) -> list[budget.Budget]:
+    return budget.budgets(bench, {t.name: t.bound for t in TARGETS if t.source[0] == "ratio"})
+
+
 def _median(bench: scenarios.Bench, scenario: str, figure: str) -> float | None:
     result = bench.results.get(scenario)
     return None if result is None else result.median(figure)
@@ -133,6 +137,26 @@ def table(
         bound = f"{row['op']} {_number(row['bound'])} {row['unit']}".strip()
         verdict = {None: "n/a", True: "PASS", False: "FAIL"}[row["pass"]]
         lines.append(f"{row['target']:<34} {shown:>10}   {bound:<12} {verdict}")
+    found_budgets = budgets(bench)
+    if found_budgets:
+        lines += [
+            "",
+            "what each throughput target leaves one publisher process, CPU µs per event"
+            " (tests/bench/budget.py)",
+            f"{'target':<24} {'asks/s':>7} {'allowed':>8} {'relay':>7} {'left':>7}"
+            f" {'least':>7} {'own now':>8}  gap",
+        ]
+        for each in found_budgets:
+            gap = "the machine's" if each.machine_bound else "the code's"
+            lines.append(
+                f"{each.target:<24} {each.asked:>7,.0f} {each.allowed:>8,.0f}"
+                f" {each.relay:>7,.0f} {each.left:>7,.0f} {each.least:>7,.0f}"
+                f" {each.product:>8,.0f}  {gap}"
+            )
+        lines.append(
+            "allowed: one core (less what the load and subscriber take) over the asked rate;"
+            " left: allowed - relay; least: signing + SQLite (floor_work); own now: e2e - relay"
+        )
     return "\n".join(lines)
 
 
@@ -153,6 +177,7 @@ def write_json(
         "scenarios": {name: _result(result) for name, result in bench.results.items()},
         "ratios": found,
         "targets": rows,
+        "budgets": [{**asdict(row), "machine_bound": row.machine_bound} for row in budgets(bench)],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.gen.webhooks.v1 import publisher_pb2
 
-from . import backlog, cluster, cpu, procs, runtime, stats
+from . import backlog, cluster, cpu, procs, runtime, stats, work
 
 PY = [procs.PYTHON, "-m"]
 # CPU time per event (or call) of one process, user and system, all its threads.
@@ -358,6 +358,17 @@ async def floor_http(bench: Bench, result: Result) -> None:
     await _relay_runs(bench, result, "ack_http", _http_load(bench.config))
 
 
+async def floor_work(bench: Bench, result: Result) -> None:
+    """The least CPU per event of signing and persisting, in this process (tests.bench.work)."""
+    payload = runtime.payload()
+    for _ in range(bench.config.runs):
+        sign_grpc, sign_http = await asyncio.to_thread(work.signing_us, payload)
+        sqlite = await asyncio.to_thread(work.sqlite_us, bench.config.workdir, payload)
+        result.add("sign_grpc", CPU_UNIT, sign_grpc)
+        result.add("sign_http", CPU_UNIT, sign_http)
+        result.add("sqlite", CPU_UNIT, sqlite)
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
@@ -503,6 +514,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
         "bare relay: EmitBatch -> memory -> HTTP, no persistence or signing",
         floor_http,
     ),
+    "floor_work": ("least CPU of signing and persisting, in-process", floor_work),
     "e2e_grpc_unary": ("Emit per event -> SQLite -> gRPC ack", e2e_grpc_unary),
     "e2e_grpc_batch": ("EmitBatch -> SQLite -> gRPC ack", e2e_grpc_batch),
     "e2e_http": ("EmitBatch -> SQLite -> HTTP ack", e2e_http),

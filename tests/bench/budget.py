@@ -1,0 +1,86 @@
+"""What a throughput target leaves a one-process publisher for its own work, per event.
+
+A target asks for a rate: its bound times the raw transport's rate measured in
+the same run. At that rate the load generator and the subscriber take their
+measured CPU per event from the machine's cores, and the publisher, one Python
+process whose Python runs under one lock, gets at most one core of the rest.
+That allowance must cover a bare relay's CPU per event (the floor rows: the
+same transports, nothing persisted or signed) and the product's own work, of
+which signing each delivery and persisting it cost at the least what floor_work
+measures. When that least is more than the allowance leaves, no change to the
+code of one process meets the target on this machine: the gap is the machine's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import scenarios
+
+# (target, raw transport, floor relay row, product row, floor_work signing figure)
+CASES = [
+    ("e2e_grpc_unary_vs_raw", "raw_grpc_unary", "floor_grpc_unary", "e2e_grpc_unary", "sign_grpc"),
+    ("e2e_grpc_batch_vs_raw", "raw_grpc_unary", "floor_grpc_batch", "e2e_grpc_batch", "sign_grpc"),
+    ("e2e_http_vs_raw", "raw_http_post", "floor_http", "e2e_http", "sign_http"),
+]
+
+
+@dataclass(frozen=True)
+class Budget:
+    target: str
+    # The rate the target asks for, events/s.
+    asked: float
+    # CPU µs per event the publisher may spend at that rate.
+    allowed: float
+    # ...of which a bare relay spends this much, leaving ``left`` for the product's own work,
+    relay: float
+    left: float
+    # ...which costs at least ``least`` (signing and SQLite), and costs ``product`` as it is.
+    least: float
+    product: float
+
+    @property
+    def machine_bound(self) -> bool:
+        return self.least > self.left
+
+
+def budgets(bench: scenarios.Bench, bounds: dict[str, float]) -> list[Budget]:
+    """One budget per throughput target whose figures were all measured in this run."""
+    found = []
+    cores = os.cpu_count() or 1
+    for target, raw, floor, product, sign in CASES:
+        figures = [
+            _median(bench, raw, "rate"),
+            _median(bench, product, "cpu_load"),
+            _median(bench, product, "cpu_subscriber"),
+            _median(bench, floor, "cpu_publisher"),
+            _median(bench, product, "cpu_publisher"),
+            _median(bench, "floor_work", sign),
+            _median(bench, "floor_work", "sqlite"),
+        ]
+        if any(figure is None for figure in figures) or target not in bounds:
+            continue
+        raw_rate, load_us, subscriber_us, relay_us, product_us, sign_us, sqlite_us = (
+            float(figure or 0.0) for figure in figures
+        )
+        asked = bounds[target] * raw_rate
+        spare_cores = cores - asked * (load_us + subscriber_us) / 1e6
+        allowed = 1e6 * min(1.0, spare_cores) / asked
+        found.append(
+            Budget(
+                target=target,
+                asked=asked,
+                allowed=allowed,
+                relay=relay_us,
+                left=allowed - relay_us,
+                least=sign_us + sqlite_us,
+                product=product_us - relay_us,
+            )
+        )
+    return found
+
+
+def _median(bench: scenarios.Bench, scenario: str, figure: str) -> float | None:
+    result = bench.results.get(scenario)
+    return None if result is None else result.median(figure)
