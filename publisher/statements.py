@@ -9,6 +9,7 @@ statements are ``Prepared``: on SQLite they skip SQLAlchemy's execution layer.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,13 +54,20 @@ class Prepared:
             found = self._sqlite[keys] = (compiled.string, list(compiled.positiontup), fixed)
         return found
 
-    def execute(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Runs the statement once per row (all rows with the same keys)."""
         if conn.dialect.name != "sqlite":
             conn.execute(self.statement, list(rows))
             return
         sql, order, fixed = self._compiled(conn, tuple(rows[0]))
-        values = [_in_order({**fixed, **row}, order) for row in rows]
+        # Values in the driver's order; itemgetter builds each tuple in C.
+        in_order = operator.itemgetter(*order)
+        if len(order) == 1:
+            values: list[Any] = [(in_order(row),) for row in rows]
+        elif fixed:
+            values = [in_order(fixed | row) for row in rows]
+        else:
+            values = [in_order(row) for row in rows]
         conn.connection.dbapi_connection.cursor().executemany(sql, values)  # type: ignore[union-attr]
 
     def fetch(self, conn: Connection) -> list[Mapping[Any, Any]]:
@@ -78,10 +86,6 @@ _HELD = model.DeliveryState.HELD.value
 # Inline, not bound: PostgreSQL's generic plans and SQLite's planner can then see that the
 # query implies the partial indexes' ``state = 'pending'``.
 _IS_PENDING = deliveries.c.state == sa.literal(_PENDING, literal_execute=True)
-
-
-def _in_order(values: Mapping[str, Any], order: Sequence[str]) -> tuple[Any, ...]:
-    return tuple(values[name] for name in order)
 
 
 # -- emit -------------------------------------------------------------------------------------
