@@ -109,6 +109,15 @@ DUE = (
     .with_for_update(skip_locked=True)
 )
 
+# What a lease returns of each delivery it took, for the claim.
+CLAIMED = (
+    deliveries.c.id,
+    deliveries.c.attempts,
+    deliveries.c.round_attempts,
+    deliveries.c.round_started_at,
+    deliveries.c.last_outcome,
+)
+
 # Leases the due deliveries to b_owner until b_lease_until, bumping their attempt numbers.
 LEASE_DUE = (
     deliveries.update()
@@ -123,13 +132,7 @@ LEASE_DUE = (
         next_attempt_at=sa.bindparam("b_lease_until", type_=sa.Double),
         updated_at=sa.bindparam("b_now", type_=sa.Double),
     )
-    .returning(
-        deliveries.c.id,
-        deliveries.c.attempts,
-        deliveries.c.round_attempts,
-        deliveries.c.round_started_at,
-        deliveries.c.last_outcome,
-    )
+    .returning(*CLAIMED)
 )
 
 EARLIEST_DUE = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(_IS_PENDING)

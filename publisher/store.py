@@ -472,13 +472,7 @@ class Store:
                 deliveries.update()
                 .where(deliveries.c.id.in_(list(scheduled)))
                 .values(lease_owner=owner, next_attempt_at=now + lease_seconds)
-                .returning(
-                    deliveries.c.id,
-                    deliveries.c.attempts,
-                    deliveries.c.round_attempts,
-                    deliveries.c.round_started_at,
-                    deliveries.c.last_outcome,
-                )
+                .returning(*statements.CLAIMED)
             )
             return scheduled, _with_details(conn, leased.all())
 

@@ -14,10 +14,12 @@ import grpc.aio
 import pytest
 from sqlalchemy.engine import make_url
 
+from common import db
 from common.gen.webhooks.v1 import publisher_pb2_grpc
 from publisher import migrate
 from publisher.app import PublisherApp
 from publisher.settings import Settings
+from publisher.store import Store
 from tests.support import FakeSubscriber
 
 # The local server this machine kind runs; where there is none the tests skip, saying why.
@@ -60,6 +62,15 @@ async def postgres_url() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """The publisher's store alone, on the test's database."""
+    await migrate.ensure_current(database_url, create_if_empty=True)
+    store = Store(db.create_engine(database_url))
+    yield store
+    await store.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

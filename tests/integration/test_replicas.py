@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc.aio
@@ -15,21 +14,13 @@ from google.protobuf import duration_pb2
 
 from common import db, signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import migrate, model, statements
+from publisher import model, statements
 from publisher.app import PublisherApp
 from publisher.schema import attempts, deliveries
 from publisher.settings import Settings
 from publisher.store import AttemptRecord, Store
 from tests.soak import free_port
 from tests.support import FakeSubscriber, Process, eventually
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    await migrate.ensure_current(database_url, create_if_empty=True)
-    store = Store(db.create_engine(database_url))
-    yield store
-    await store.close()
 
 
 async def one_pending_delivery(store: Store) -> str:

@@ -4,24 +4,14 @@ as committed, so it must survive one."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy.engine import Connection
 
-from common import db, signing
-from publisher import migrate, model
-from publisher.store import AttemptRecord, Store
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    await migrate.ensure_current(database_url, create_if_empty=True)
-    store = Store(db.create_engine(database_url))
-    yield store
-    await store.close()
+from publisher import model
+from publisher.store import Store
+from tests.integration.test_replicas import one_pending_delivery, outcome
 
 
 def waits_for_disk(conn: Connection) -> bool:
@@ -49,40 +39,12 @@ def probe(store: Store) -> list[bool]:
 
 
 async def test_emits_wait_for_the_disk_and_claims_and_outcomes_do_not(store: Store) -> None:
-    spec = model.SubscriberSpec(
-        name="s",
-        endpoint="127.0.0.1:1",
-        protocol=model.Protocol.GRPC,
-        event_types=(),
-        retry_schedule=(60.0,),
-        contact_email="",
-        body_format=model.BodyFormat.RAW,
-        status_url="",
-    )
-    await store.create_subscriber(spec, signing.generate_secret())
+    await one_pending_delivery(store)
     seen = probe(store)
 
-    await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
     (claim,) = await store.claim("replica", 10, lease_seconds=60.0)
-    now = time.time()
-    await store.record(
-        [
-            AttemptRecord(
-                delivery_id=claim.delivery_id,
-                attempt=claim.attempt,
-                owner="replica",
-                started_at=now,
-                duration=0.01,
-                outcome="delivered",
-                status_code=0,
-                error="",
-                new_state=model.DeliveryState.DELIVERED,
-                next_attempt_at=now,
-                subscriber_id=claim.subscriber.id,
-            )
-        ]
-    )
-    # And the next emit waits again, after a transaction that did not.
+    await store.record([outcome(claim, "replica")])
+    # And an emit waits again, after transactions that did not.
     await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
 
-    assert seen == [True, False, False, True]
+    assert seen == [False, False, True]
