@@ -17,8 +17,9 @@ scheduled a retry) or the earliest pending delivery comes due, so the happy
 path has no poll interval. A slot freed by a finished send makes it claim only
 if something may be due: at low load every delivery frees a slot, and a claim
 that finds nothing is a transaction for nothing. Sends run concurrently up to
-``max_in_flight``; each outcome goes through the pure retry policy and then back to the store, which
-writes it only if this process still holds the delivery's lease.
+``max_in_flight``; each outcome goes through the pure retry policy and then
+back to the store, which writes it only if this process still holds the
+delivery's lease.
 """
 
 from __future__ import annotations

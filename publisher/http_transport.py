@@ -126,7 +126,7 @@ class HttpTransport:
                 tx.Outcome.FAILED, error=tx.excerpt(f"not sent: bad endpoint: {error}")
             )
         progress = _Progress()
-        _progress.set(progress)
+        tracking = _progress.set(progress)
         try:
             # The guarded resolver never sees IP literals, so they are checked here.
             if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
@@ -154,6 +154,9 @@ class HttpTransport:
                     tx.Outcome.UNCERTAIN, error=tx.excerpt(f"sent, but no answer: {reason}")
                 )
             return tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"not sent: {reason}"))
+        finally:
+            # A status question later in the same task must not mark this delivery.
+            _progress.reset(tracking)
 
     def _headers(self, attempt: tx.Attempt, body: bytes, content_type: str) -> dict[str, str]:
         now = self._now()
