@@ -56,6 +56,8 @@ class Prepared:
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Runs the statement once per row (all rows with the same keys)."""
+        if not rows:
+            return
         if conn.dialect.name != "sqlite":
             conn.execute(self.statement, list(rows))
             return
