@@ -87,19 +87,22 @@ def sign_delivery(
     now: float,
 ) -> str:
     """A short-lived HS256 token that binds one attempt and its exact payload."""
-    issued = int(now)
     claims = {
         "iss": issuer,
         "aud": audience,
-        "iat": issued,
-        "exp": issued + JWT_LIFETIME_SECONDS,
-        "jti": uuid.uuid4().hex,
+        **_lifetime(now),
         "event_id": event_id,
         "event_type": event_type,
         "attempt": attempt,
         "body_sha256": body_sha256(payload),
     }
     return _encode(claims, key)
+
+
+def _lifetime(now: float) -> dict[str, Any]:
+    """The claims every token carries: issued now, valid for JWT_LIFETIME_SECONDS, unique."""
+    issued = int(now)
+    return {"iat": issued, "exp": issued + JWT_LIFETIME_SECONDS, "jti": uuid.uuid4().hex}
 
 
 def _encode(claims: Mapping[str, Any], key: bytes) -> str:
@@ -179,15 +182,7 @@ def _short_key_allowed(key: bytes) -> Iterator[None]:
 
 def sign_catch_up(key: bytes, *, subscriber_id: str, audience: str, now: float) -> str:
     """The token a subscriber presents to read its own catch-up feed (ListEvents)."""
-    issued = int(now)
-    claims = {
-        "sub": subscriber_id,
-        "aud": audience,
-        "iat": issued,
-        "exp": issued + JWT_LIFETIME_SECONDS,
-        "jti": uuid.uuid4().hex,
-    }
-    return _encode(claims, key)
+    return _encode({"sub": subscriber_id, "aud": audience, **_lifetime(now)}, key)
 
 
 def verify_catch_up(token: str, key: bytes, *, subscriber_id: str, audience: str) -> None:

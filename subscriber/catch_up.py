@@ -170,18 +170,8 @@ class CatchUp:
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
 
     async def _accept(self, event: event_pb2.Event) -> bool:
-        entry = inbox.Entry(
-            event_id=event.id,
-            event_type=event.type,
-            payload=event.payload,
-            content_type=event.content_type,
-            created_at=(
-                event.created_at.ToNanoseconds() / 1e9 if event.HasField("created_at") else None
-            ),
-            # Pulled, not delivered: no delivery and no attempt to name.
-            delivery_id="",
-            attempt=0,
-        )
+        # Pulled, not delivered: no delivery and no attempt to name.
+        entry = inbox.entry_of(event)
         try:
             return await handlers.record_and_run(self._handler, self._store, entry)
         except (inbox.Conflict, errors.InvalidArgument) as error:

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import errors, group_commit, log, signing
+from common.gen.webhooks.v1 import event_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,21 @@ class Entry:
     created_at: float | None
     delivery_id: str
     attempt: int
+
+
+def entry_of(event: event_pb2.Event, *, delivery_id: str = "", attempt: int = 0) -> Entry:
+    """The entry for an event received over gRPC, pushed (with its delivery) or pulled."""
+    return Entry(
+        event_id=event.id,
+        event_type=event.type,
+        payload=event.payload,
+        content_type=event.content_type,
+        created_at=(
+            event.created_at.ToNanoseconds() / 1e9 if event.HasField("created_at") else None
+        ),
+        delivery_id=delivery_id,
+        attempt=attempt,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,17 +46,7 @@ class SubscriberServicer(subscriber_pb2_grpc.SubscriberServiceServicer):
             raise errors.Unauthenticated(
                 f"token is for event type {claims.event_type!r}, not {event.type!r}"
             )
-        entry = inbox.Entry(
-            event_id=event.id,
-            event_type=event.type,
-            payload=event.payload,
-            content_type=event.content_type,
-            created_at=(
-                event.created_at.ToNanoseconds() / 1e9 if event.HasField("created_at") else None
-            ),
-            delivery_id=request.delivery_id,
-            attempt=request.attempt,
-        )
+        entry = inbox.entry_of(event, delivery_id=request.delivery_id, attempt=request.attempt)
         is_new = await handlers.record_and_run(self._handler, self._store, entry)
         return subscriber_pb2.ReceiveResponse(duplicate=not is_new)
 

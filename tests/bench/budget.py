@@ -51,13 +51,13 @@ def budgets(bench: scenarios.Bench, bounds: dict[str, float]) -> list[Budget]:
     cores = os.cpu_count() or 1
     for target, raw, floor, product, sign in CASES:
         figures = [
-            _median(bench, raw, "rate"),
-            _median(bench, product, "cpu_load"),
-            _median(bench, product, "cpu_subscriber"),
-            _median(bench, floor, "cpu_publisher"),
-            _median(bench, product, "cpu_publisher"),
-            _median(bench, "floor_work", sign),
-            _median(bench, "floor_work", "sqlite"),
+            bench.median(raw, "rate"),
+            bench.median(product, "cpu_load"),
+            bench.median(product, "cpu_subscriber"),
+            bench.median(floor, "cpu_publisher"),
+            bench.median(product, "cpu_publisher"),
+            bench.median("floor_work", sign),
+            bench.median("floor_work", "sqlite"),
         ]
         if any(figure is None for figure in figures) or target not in bounds:
             continue
@@ -79,8 +79,3 @@ def budgets(bench: scenarios.Bench, bounds: dict[str, float]) -> list[Budget]:
             )
         )
     return found
-
-
-def _median(bench: scenarios.Bench, scenario: str, figure: str) -> float | None:
-    result = bench.results.get(scenario)
-    return None if result is None else result.median(figure)

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from common.gen.webhooks.v1 import (
     subscriber_pb2,
     subscriber_pb2_grpc,
 )
+from publisher.store import new_id
 
 from . import runtime
 
@@ -41,11 +41,6 @@ DELIVERY_TIMEOUT = 15.0
 MAX_IN_FLIGHT = 256
 PENDING = publisher_pb2.DELIVERY_STATE_PENDING
 DELIVERED = publisher_pb2.DELIVERY_STATE_DELIVERED
-
-
-def new_id(prefix: str) -> str:
-    # The publisher's id format, so that the ids on the wire are as long as the product's.
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 class GrpcSender:

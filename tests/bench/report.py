@@ -63,8 +63,8 @@ def ratios(bench: scenarios.Bench) -> dict[str, float | None]:
     """Ratios of medians; None where a figure was not measured."""
     found: dict[str, float | None] = {}
     for name, (top_scenario, top), (bottom_scenario, bottom) in RATIOS:
-        numerator = _median(bench, top_scenario, top)
-        denominator = _median(bench, bottom_scenario, bottom)
+        numerator = bench.median(top_scenario, top)
+        denominator = bench.median(bottom_scenario, bottom)
         found[name] = numerator / denominator if numerator is not None and denominator else None
     return found
 
@@ -73,7 +73,7 @@ def verdicts(bench: scenarios.Bench, found: dict[str, float | None]) -> list[dic
     rows = []
     for target in TARGETS:
         kind, name = target.source
-        value = found.get(name) if kind == "ratio" else _median(bench, kind, name)
+        value = found.get(name) if kind == "ratio" else bench.median(kind, name)
         rows.append(
             {
                 "target": target.name,
@@ -89,11 +89,6 @@ def verdicts(bench: scenarios.Bench, found: dict[str, float | None]) -> list[dic
 
 def budgets(bench: scenarios.Bench) -> list[budget.Budget]:
     return budget.budgets(bench, {t.name: t.bound for t in TARGETS if t.source[0] == "ratio"})
-
-
-def _median(bench: scenarios.Bench, scenario: str, figure: str) -> float | None:
-    result = bench.results.get(scenario)
-    return None if result is None else result.median(figure)
 
 
 def _number(value: float) -> str:

@@ -83,6 +83,11 @@ class Bench:
     def group(self) -> procs.Group:
         return procs.Group(self.config.workdir)
 
+    def median(self, scenario: str, figure: str) -> float | None:
+        """The median of ``figure`` in ``scenario``; None where it was not measured."""
+        result = self.results.get(scenario)
+        return None if result is None else result.median(figure)
+
 
 Scenario = Callable[[Bench, Result], Awaitable[None]]
 

@@ -21,12 +21,12 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from publisher import mailer, model
+from tests.unit.test_mailer_compose import T0, billing_subscriber
 
 # A deadline for each test, far above the timeouts used: reaching it means sending hung.
 DEADLINE = 10.0
 USERNAME = "hooks"
 PASSWORD = "s3cret"
-T0 = 1_714_564_800.0
 
 
 @dataclass
@@ -118,28 +118,6 @@ async def smtp_server() -> AsyncIterator[SmtpServer]:
     await server.wait_closed()
 
 
-def _subscriber(contact_email: str = "team@billing.example.com") -> model.Subscriber:
-    spec = model.SubscriberSpec(
-        name="billing",
-        endpoint="https://billing.example.com/hooks",
-        protocol=model.Protocol.HTTP,
-        event_types=(),
-        retry_schedule=(1.0,),
-        contact_email=contact_email,
-        body_format=model.BodyFormat.RAW,
-        status_url="",
-    )
-    return model.Subscriber(
-        id="sub_7f3a",
-        spec=spec,
-        secret="whsec_unused",
-        state=model.SubscriberState.ACTIVE,
-        state_reason="",
-        created_at=T0,
-        updated_at=T0,
-    )
-
-
 def _digest(settings: mailer.SmtpSettings) -> EmailMessage:
     letters = [
         model.DeadLetter(
@@ -153,7 +131,7 @@ def _digest(settings: mailer.SmtpSettings) -> EmailMessage:
         for i in range(3)
     ]
     return mailer.dead_letter_digest(
-        _subscriber(),
+        billing_subscriber(),
         letters,
         settings=settings,
         publisher_name="prod-eu",
@@ -189,7 +167,7 @@ async def test_disabled_notice_arrives(smtp_server: SmtpServer) -> None:
     """The disabled notice is delivered like the digest, with its own subject."""
     settings = smtp_server.settings(operator_email="")
     notice = mailer.subscriber_disabled_notice(
-        _subscriber(),
+        billing_subscriber(),
         settings=settings,
         publisher_name="prod-eu",
         failing_since=T0,

@@ -24,7 +24,7 @@ SETTINGS = mailer.SmtpSettings(
 )
 
 
-def _subscriber(
+def billing_subscriber(
     contact_email: str = "team@billing.example.com",
     state: model.SubscriberState = model.SubscriberState.ACTIVE,
     state_reason: str = "",
@@ -70,7 +70,7 @@ def _digest(
     total_failed: int = 340,
 ) -> EmailMessage:
     return mailer.dead_letter_digest(
-        subscriber or _subscriber(),
+        subscriber or billing_subscriber(),
         letters,
         settings=SETTINGS,
         publisher_name="prod-eu",
@@ -98,7 +98,7 @@ def _grpcurl_payload(body: str, method: str) -> object:
 
 def test_recipients_are_the_contact_and_the_operators() -> None:
     """Both the subscriber's contact and the operator address are told, contact first."""
-    assert mailer.recipients(_subscriber(), SETTINGS) == [
+    assert mailer.recipients(billing_subscriber(), SETTINGS) == [
         "team@billing.example.com",
         "oncall@example.com",
     ]
@@ -106,7 +106,7 @@ def test_recipients_are_the_contact_and_the_operators() -> None:
 
 def test_recipients_are_deduplicated_ignoring_case() -> None:
     """A contact that is also the operator address receives one copy."""
-    subscriber = _subscriber(contact_email="OnCall@Example.com")
+    subscriber = billing_subscriber(contact_email="OnCall@Example.com")
     assert mailer.recipients(subscriber, SETTINGS) == ["OnCall@Example.com"]
 
 
@@ -121,7 +121,7 @@ def test_recipients_are_deduplicated_ignoring_case() -> None:
 def test_recipients_drop_empty_addresses(contact: str, operator: str, expected: list[str]) -> None:
     """An address that is not set (or only blank) is left out rather than sent to."""
     settings = dataclasses.replace(SETTINGS, operator_email=operator)
-    assert mailer.recipients(_subscriber(contact_email=contact), settings) == expected
+    assert mailer.recipients(billing_subscriber(contact_email=contact), settings) == expected
 
 
 def test_mailer_is_enabled_only_with_a_host() -> None:
@@ -141,7 +141,7 @@ async def test_send_without_recipients_raises_mail_error() -> None:
     """A message with nobody to tell is an error, not a silent success."""
     settings = dataclasses.replace(SETTINGS, operator_email="")
     message = mailer.dead_letter_digest(
-        _subscriber(contact_email=""),
+        billing_subscriber(contact_email=""),
         _letters(1),
         settings=settings,
         publisher_name="prod-eu",
@@ -191,8 +191,8 @@ def test_digest_subject_counts_deliveries_and_names_the_subscriber() -> None:
 
 def test_digest_subject_stays_on_one_line_whatever_the_name() -> None:
     """A name with line breaks cannot break the header (or inject another one)."""
-    spec = dataclasses.replace(_subscriber().spec, name="bill\r\nBcc: x@evil.example")
-    subscriber = dataclasses.replace(_subscriber(), spec=spec)
+    spec = dataclasses.replace(billing_subscriber().spec, name="bill\r\nBcc: x@evil.example")
+    subscriber = dataclasses.replace(billing_subscriber(), spec=spec)
     message = _digest(_letters(2), subscriber=subscriber)
     assert message["Subject"] == '[grpc-webhooks] 2 deliveries to "bill Bcc: x@evil.example" failed'
     assert message["Bcc"] is None
@@ -299,7 +299,9 @@ def test_digest_tells_how_to_reenable_the_subscriber() -> None:
 
 def test_digest_shows_why_a_subscriber_is_not_active() -> None:
     """A disabled subscriber's state and reason are part of the digest."""
-    subscriber = _subscriber(state=model.SubscriberState.DISABLED, state_reason="HTTP 410 Gone")
+    subscriber = billing_subscriber(
+        state=model.SubscriberState.DISABLED, state_reason="HTTP 410 Gone"
+    )
     body = _body(_digest(_letters(1), subscriber=subscriber))
     assert "state:    disabled" in body
     assert "reason:   HTTP 410 Gone" in body
@@ -313,7 +315,7 @@ def test_digest_of_nothing_is_refused() -> None:
 
 def _notice(reason: str = "HTTP 410 Gone") -> EmailMessage:
     return mailer.subscriber_disabled_notice(
-        _subscriber(state=model.SubscriberState.DISABLED, state_reason=reason),
+        billing_subscriber(state=model.SubscriberState.DISABLED, state_reason=reason),
         settings=SETTINGS,
         publisher_name="prod-eu",
         failing_since=T0 + 0.9,
