@@ -437,7 +437,10 @@ class Store:
         }
 
         def work(conn: Connection) -> tuple[list[model.Claim], float | None]:
-            claims = _with_details(conn, conn.execute(statements.LEASE_DUE, params).all())
+            if self._postgres:
+                claims = _with_details(conn, conn.execute(statements.LEASE_DUE, params).all())
+            else:
+                claims = _lease_due_on_sqlite(conn, params)
             # In the same transaction, so an idle dispatcher needs one round trip, not two.
             due = conn.scalar(statements.EARLIEST_DUE) if len(claims) < limit else None
             return claims, None if due is None else float(due)
@@ -780,9 +783,7 @@ def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
         return []
     details = conn.execute(statements.CLAIM_DETAILS, {"b_ids": [row.id for row in leased]})
     by_id = {row.delivery_id: row for row in details}
-    wanted = list({row.subscriber_id for row in by_id.values()})
-    rows = conn.execute(statements.SUBSCRIBERS_BY_ID, {"b_ids": wanted})
-    audience = {row.id: _subscriber(row._mapping) for row in rows}
+    audience = _subscribers_by_id(conn, {row.subscriber_id for row in by_id.values()})
     claims = []
     for row in leased:
         detail = by_id[row.id]
@@ -798,6 +799,43 @@ def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
             )
         )
     return claims
+
+
+def _lease_due_on_sqlite(conn: Connection, params: dict[str, Any]) -> list[model.Claim]:
+    """LEASE_DUE and the claims' details, on SQLite's cursor (statements.DUE_WITH_EVENTS)."""
+    due = statements.DUE_WITH_EVENTS.rows(conn, params)
+    if not due:
+        return []
+    lease = {key: params[key] for key in ("b_now", "b_owner", "b_lease_until")}
+    statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in due])
+    audience = _subscribers_by_id(conn, {row[5] for row in due})
+    now = params["b_now"]
+    # The numbers as LEASE_ONE just wrote them, from the values read before it.
+    return [
+        model.Claim(
+            delivery_id=delivery_id,
+            attempt=attempts + 1,
+            attempts_in_round=round_attempts + 1,
+            round_started_at=now if round_started_at is None else round_started_at,
+            last_outcome=last_outcome,
+            event=model.Event(*event),
+            subscriber=audience[subscriber_id],
+        )
+        for (
+            delivery_id,
+            attempts,
+            round_attempts,
+            round_started_at,
+            last_outcome,
+            subscriber_id,
+            *event,
+        ) in due
+    ]
+
+
+def _subscribers_by_id(conn: Connection, ids: set[str]) -> dict[str, model.Subscriber]:
+    rows = conn.execute(statements.SUBSCRIBERS_BY_ID, {"b_ids": list(ids)})
+    return {row.id: _subscriber(row._mapping) for row in rows}
 
 
 def _notice_window_open(now: float, window: float) -> sa.ColumnElement[bool]:
