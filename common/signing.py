@@ -13,9 +13,9 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,19 +102,32 @@ def sign_delivery(
 def _lifetime(now: float) -> dict[str, Any]:
     """The claims every token carries: issued now, valid for JWT_LIFETIME_SECONDS, unique."""
     issued = int(now)
-    return {"iat": issued, "exp": issued + JWT_LIFETIME_SECONDS, "jti": uuid.uuid4().hex}
+    return {"iat": issued, "exp": issued + JWT_LIFETIME_SECONDS, "jti": _next_jti()}
+
+
+# A jti only has to be unique, not unpredictable (the signature protects the token):
+# random per process, then counted. A uuid4 per token cost 2.6 µs, a seventh of signing.
+_jti_prefix = secrets.token_hex(8)
+_jti_count = itertools.count()
+
+
+def _next_jti() -> str:
+    return f"{_jti_prefix}{next(_jti_count):x}"
 
 
 def _encode(claims: Mapping[str, Any], key: bytes) -> str:
     """The HS256 JWS compact form of ``claims``.
 
     Encoded here rather than by PyJWT: it runs once per delivery attempt, and
-    this costs less than half as much. Tests verify the result with PyJWT.
+    this costs a third as much. Tests verify the result with PyJWT.
     """
-    body = _base64url(json.dumps(claims, separators=(",", ":")).encode())
-    signed = f"{_JWT_HEADER}.{body}"
-    signature = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    signed = f"{_JWT_HEADER}.{_base64url(_compact_json(claims).encode())}"
+    signature = hmac.digest(key, signed.encode(), "sha256")
     return f"{signed}.{_base64url(signature)}"
+
+
+# One encoder, made once: json.dumps with separators builds a new one per call.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _base64url(data: bytes) -> str:
@@ -216,8 +229,7 @@ def bearer_token(authorization: str | None) -> str:
 def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     """One Standard Webhooks signature: ``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``."""
     signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(key, signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    return "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode()
 
 
 def standard_signatures(keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes) -> str:
