@@ -254,14 +254,16 @@ class Dispatcher:
         )
 
     async def _deliver(self, claim: model.Claim) -> None:
-        subscriber = claim.subscriber
-        attempt = self._attempt_for(claim)
         started = self._now()
         clock = time.monotonic()
         try:
-            result = await self._attempt(self._transports[subscriber.spec.protocol], attempt, claim)
-        except Exception as error:  # A transport bug must not lose the delivery.
-            logger.exception("transport raised")
+            attempt = self._attempt_for(claim)
+            transport = self._transports[claim.subscriber.spec.protocol]
+            result = await self._attempt(transport, attempt, claim)
+        except Exception as error:
+            # A bug here (or a secret that cannot sign) fails the attempt on the schedule;
+            # escaping, it would leave the delivery leased, to fail the same way each lease.
+            logger.exception("attempt raised")
             result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
         record = self._decide(claim, result, started, time.monotonic() - clock)
         pending = self._store.record_soon([record])

@@ -12,9 +12,11 @@ import grpc.aio
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
+from common import db
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import dispatcher
 from publisher.app import PublisherApp
+from publisher.schema import subscribers
 from publisher.store import Store
 from tests.support import FakeSubscriber, claims_of, eventually
 
@@ -240,6 +242,35 @@ async def test_delivery_fails_after_the_last_retry_when_the_subscriber_never_com
     assert {a.outcome for a in delivery.attempts} == {publisher_pb2.ATTEMPT_OUTCOME_FAILED}
     assert "UNAVAILABLE" in delivery.last_error
     assert not delivery.HasField("next_attempt_at")
+
+
+async def test_an_attempt_that_cannot_be_prepared_fails_on_the_schedule_not_in_a_loop(
+    stub: Stub, subscriber: FakeSubscriber, database_url: str
+) -> None:
+    """A secret the dispatcher cannot use (written around the API, which refuses it) fails
+    each attempt and dead-letters the delivery in the end; the send must not die with the
+    delivery left leased, to be claimed and die again whenever its lease runs out."""
+    registered = await register(
+        stub, f"127.0.0.1:{subscriber.port}", retry_schedule=schedule(0.1, 0.2)
+    )
+    engine = db.create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                subscribers.update()
+                .where(subscribers.c.id == registered.subscriber.id)
+                .values(secret="not-a-secret")
+            )
+    finally:
+        await engine.dispose()
+    emitted = await emit(stub)
+
+    delivery = await delivery_in(stub, emitted.event_id, FAILED)
+    assert delivery.attempt_count == 3
+    assert {a.outcome for a in delivery.attempts} == {publisher_pb2.ATTEMPT_OUTCOME_FAILED}
+    assert "internal error" in delivery.last_error
+    assert "whsec_" in delivery.last_error
+    assert subscriber.received == []
 
 
 async def test_a_subscriber_that_rejects_the_signature_is_retried_and_the_log_says_why(
