@@ -39,7 +39,8 @@ FULL = scenarios.Config(
     paced_seconds=4.0,
     backlog_small=1_000,
     backlog_large=1_000_000,
-    backlog_window=20_000,
+    # About 4 s of steady claiming and delivering per run.
+    backlog_window=10_000,
     fanout=1_000,
     postgres_events=6_000,
     postgres_url=DEFAULT_POSTGRES_URL,

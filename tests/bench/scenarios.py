@@ -195,8 +195,8 @@ async def _e2e_run(
     receipts = config.workdir / f"{stem}-receipts.json"
     budget = 60 + load.count / 100
     async with bench.group() as group:
-        subscriber, ready = await group.helper(ack)
-        publishers = await start(group)
+        # Side by side: each spends about a second importing before it is ready.
+        (subscriber, ready), publishers = await asyncio.gather(group.helper(ack), start(group))
         first = publishers[0]
         subscriber_id = await first.register(ready.get("address") or ready["url"])
         profilers = []
