@@ -167,12 +167,16 @@ def _publishers(database_urls: list[str], max_in_flight: int) -> Start:
     async def start(group: procs.Group) -> list[cluster.Publisher]:
         if not database_urls[0].startswith("sqlite"):
             await cluster.migrate(group, database_urls[0])
-        return [
-            await cluster.start_publisher(
-                group, url, max_in_flight=max_in_flight, name=f"publisher{index}"
+        # Replicas start side by side, as the ack subscriber does (see _e2e_run).
+        started = await asyncio.gather(
+            *(
+                cluster.start_publisher(
+                    group, url, max_in_flight=max_in_flight, name=f"publisher{index}"
+                )
+                for index, url in enumerate(database_urls)
             )
-            for index, url in enumerate(database_urls)
-        ]
+        )
+        return list(started)
 
     return start
 
