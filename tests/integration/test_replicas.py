@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from pathlib import Path
 
@@ -84,9 +85,35 @@ async def test_a_leased_delivery_is_not_claimed_again_until_its_lease_runs_out(
     assert await store.claim("replica-b", 10, lease_seconds=60.0) == []
 
 
+async def test_a_second_claim_carries_the_round_and_the_last_outcome(store: Store) -> None:
+    """What a retry is scheduled from: the attempt numbers, the round's start and how the
+    attempt before went, as each backend's claim reads them back."""
+    await one_pending_delivery(store)
+    (first,) = await store.claim("replica", 10, lease_seconds=60.0)
+    failed = dataclasses.replace(
+        outcome(first, "replica"),
+        outcome="uncertain",
+        new_state=model.DeliveryState.PENDING,
+        next_attempt_at=time.time() - 1,
+    )
+    await store.record([failed])
+    (second,) = await store.claim("replica", 10, lease_seconds=60.0)
+
+    assert (first.attempt, first.attempts_in_round, first.last_outcome) == (1, 1, "")
+    assert (second.attempt, second.attempts_in_round, second.last_outcome) == (2, 2, "uncertain")
+    assert second.round_started_at == first.round_started_at
+    assert second.event == first.event
+    assert second.subscriber.id == first.subscriber.id
+
+
 async def test_claiming_reads_due_deliveries_through_the_partial_index(store: Store) -> None:
     """The claim query is answered from ix_deliveries_due, so the backlog size does not matter."""
-    query = statements.DUE.params(b_now=time.time(), b_limit=100)
+    params = {"b_now": time.time(), "b_limit": 100}
+    # SQLite claims with its own select (statements.DUE_WITH_EVENTS); PostgreSQL with DUE.
+    if store.engine.dialect.name == "sqlite":
+        query = statements.DUE_WITH_EVENTS.statement.params(**params)
+    else:
+        query = statements.DUE.params(**params)
     async with store.engine.connect() as conn:
         compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
         if store.engine.dialect.name == "sqlite":
