@@ -209,12 +209,7 @@ class Dispatcher:
         )
         if not doubtful:
             return
-        receipts = await asyncio.gather(
-            *(
-                self._transports[claim.subscriber.spec.protocol].status(self._attempt_for(claim))
-                for claim, _ in doubtful
-            )
-        )
+        receipts = await asyncio.gather(*(self._receipt(claim) for claim, _ in doubtful))
         now = self._now()
         confirmed = [
             self._decide(claim, _confirmed("reconciliation sweep"), now, 0.0)
@@ -233,6 +228,19 @@ class Dispatcher:
             await self._store.release_unconfirmed(unconfirmed, self._owner)
             # Given back at their scheduled times, some of which may have passed.
             self.wake()
+
+    async def _receipt(self, claim: model.Claim) -> tx.Receipt:
+        """The subscriber's answer about ``claim``'s event; unanswered if it cannot be asked.
+
+        One delivery whose question cannot even be prepared (a secret that cannot sign)
+        must not fail the whole sweep and leave every delivery in it leased.
+        """
+        try:
+            attempt = self._attempt_for(claim)
+        except Exception:
+            logger.exception("status question could not be prepared")
+            return tx.Receipt.UNANSWERED
+        return await self._transports[claim.subscriber.spec.protocol].status(attempt)
 
     def _attempt_for(self, claim: model.Claim) -> tx.Attempt:
         subscriber = claim.subscriber

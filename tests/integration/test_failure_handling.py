@@ -33,6 +33,7 @@ from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import mailer
 from publisher.app import PublisherApp
 from tests.integration.test_publisher_delivery import (
+    break_secret,
     delivery_in,
     emit,
     only_delivery,
@@ -303,6 +304,46 @@ async def test_the_reconciliation_sweep_confirms_an_uncertain_delivery_long_befo
     assert subscriber.event_ids() == [event_id], f"sent again: {subscriber.calls}"
     assert delivery.attempts[-1].outcome == CONFIRMED
     assert "confirmed by status" in delivery.attempts[-1].error
+
+
+async def test_one_delivery_that_cannot_be_asked_about_does_not_stop_the_sweep_for_others(
+    start: Start, subscriber: FakeSubscriber, database_url: str
+) -> None:
+    """Two uncertain deliveries in one sweep; one subscriber's secret cannot sign (written
+    around the API). The other is still confirmed promptly, and nothing is sent again."""
+    stub = await start(delivery_timeout=0.3, reconcile_interval=0.2)
+    other = FakeSubscriber()
+    await other.start()
+    try:
+        emitted, subscriber_ids = {}, {}
+        for fake, name in ((subscriber, "good"), (other, "broken")):
+            fake.lose_next = 1
+            registered = await register(
+                stub,
+                endpoint_of(fake),
+                name=name,
+                event_types=[f"{name}.event"],
+                retry_schedule=schedule(60),
+            )
+            subscriber_ids[name] = registered.subscriber.id
+            emitted[name] = (await emit(stub, f"{name}.event")).event_id
+            await first_attempt_recorded(stub, emitted[name])
+        await break_secret(database_url, subscriber_ids["broken"])
+        subscriber.accepted.add(emitted["good"])
+
+        async def confirmed() -> publisher_pb2.Delivery | None:
+            delivery = await only_delivery(stub, emitted["good"])
+            return delivery if delivery.state == DELIVERED else None
+
+        delivery = await eventually(confirmed, deadline=PROMPTLY, what="the good one confirmed")
+        assert delivery.attempts[-1].outcome == CONFIRMED
+        assert subscriber.event_ids() == [emitted["good"]]
+        broken = await only_delivery(stub, emitted["broken"])
+        assert broken.state == PENDING
+        assert [a.outcome for a in broken.attempts] == [UNCERTAIN]
+        assert other.event_ids() == [emitted["broken"]]
+    finally:
+        await other.stop()
 
 
 # -- people at the end: dead-letter digests ------------------------------------------------------

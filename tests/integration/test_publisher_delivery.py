@@ -244,6 +244,20 @@ async def test_delivery_fails_after_the_last_retry_when_the_subscriber_never_com
     assert not delivery.HasField("next_attempt_at")
 
 
+async def break_secret(database_url: str, subscriber_id: str) -> None:
+    """Writes a secret that cannot sign, around the API (which refuses it)."""
+    engine = db.create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                subscribers.update()
+                .where(subscribers.c.id == subscriber_id)
+                .values(secret="not-a-secret")
+            )
+    finally:
+        await engine.dispose()
+
+
 async def test_an_attempt_that_cannot_be_prepared_fails_on_the_schedule_not_in_a_loop(
     stub: Stub, subscriber: FakeSubscriber, database_url: str
 ) -> None:
@@ -253,16 +267,7 @@ async def test_an_attempt_that_cannot_be_prepared_fails_on_the_schedule_not_in_a
     registered = await register(
         stub, f"127.0.0.1:{subscriber.port}", retry_schedule=schedule(0.1, 0.2)
     )
-    engine = db.create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(
-                subscribers.update()
-                .where(subscribers.c.id == registered.subscriber.id)
-                .values(secret="not-a-secret")
-            )
-    finally:
-        await engine.dispose()
+    await break_secret(database_url, registered.subscriber.id)
     emitted = await emit(stub)
 
     delivery = await delivery_in(stub, emitted.event_id, FAILED)
