@@ -139,7 +139,8 @@ CLAIMED = (
     deliveries.c.last_outcome,
 )
 
-# Leases the due deliveries to b_owner until b_lease_until, bumping their attempt numbers.
+# What a lease writes: b_owner holds the delivery until b_lease_until, its attempt numbers
+# bumped and its round started (b_now) if this is the round's first attempt.
 _LEASE_VALUES: dict[str, Any] = {
     "attempts": deliveries.c.attempts + 1,
     "round_attempts": deliveries.c.round_attempts + 1,
@@ -150,6 +151,7 @@ _LEASE_VALUES: dict[str, Any] = {
     "next_attempt_at": sa.bindparam("b_lease_until", type_=sa.Double),
     "updated_at": sa.bindparam("b_now", type_=sa.Double),
 }
+# Leases the due deliveries (PostgreSQL's claim), returning what the claims need of them.
 LEASE_DUE = (
     deliveries.update()
     .where(deliveries.c.id.in_(DUE.scalar_subquery()))
