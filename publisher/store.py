@@ -4,8 +4,8 @@ Emits are group-committed (many events and their deliveries per transaction),
 due deliveries are claimed many at a time with a lease, and attempt outcomes
 are recorded many at a time, each only if its writer still holds the lease.
 The hot path's statements are built once in ``statements`` (SQLAlchemy Core; on
-SQLite the emit and record statements run on the driver's cursor), and only
-emits wait for the disk at commit (see ``_run``).
+SQLite the emit, claim and record statements run on the driver's cursor), and
+only emits wait for the disk at commit (see ``_run``).
 """
 
 from __future__ import annotations
