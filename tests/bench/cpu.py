@@ -7,6 +7,7 @@ over the load generator, the publisher and the subscriber.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,26 @@ _TICK = os.sysconf("SC_CLK_TCK")
 def main_thread(pid: int) -> float:
     """CPU seconds (user + system) of the main thread of ``pid``: the publisher's event loop."""
     return _seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def python_threads(pid: int) -> float:
+    """CPU seconds of the threads of ``pid`` that Python started, the main thread aside.
+
+    In the publisher on SQLite, the store's thread and grpc.aio's completion-queue
+    poller; in a bare relay, the poller alone. A thread keeps the process's name unless
+    it sets one: gRPC's core and libuv's do ("event_engine", "libuv-worker"), Python's do
+    not. A thread that ends between the listing and the reading counts for nothing.
+    """
+    task = Path(f"/proc/{pid}/task")
+    name = Path(f"/proc/{pid}/comm").read_text()
+    spent = 0.0
+    for thread in task.iterdir():
+        if thread.name == str(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if (thread / "comm").read_text() == name:
+                spent += _seconds(thread / "stat")
+    return spent
 
 
 def process(pid: int) -> float:

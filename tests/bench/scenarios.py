@@ -260,11 +260,18 @@ class _Usage:
         self._cores = 0.0
 
     def _read(self) -> dict[str, float]:
-        reading = {"subscriber": cpu.process(self._subscriber.pid), "publisher": 0.0, "loop": 0.0}
+        reading = {
+            "subscriber": cpu.process(self._subscriber.pid),
+            "publisher": 0.0,
+            "loop": 0.0,
+            "threads": 0.0,
+        }
         for publisher in self._publishers:
             reading["publisher"] += cpu.process(publisher.pid)
-            # The event loop's share; the rest is the store's thread (SQLite) and gRPC's own.
+            # The event loop's share, and that of the other threads Python started (the
+            # store's, on SQLite, and grpc.aio's poller); the rest is gRPC's core.
             reading["loop"] += cpu.main_thread(publisher.pid)
+            reading["threads"] += cpu.python_threads(publisher.pid)
         return reading
 
     def stop(self) -> None:
@@ -276,6 +283,7 @@ class _Usage:
         result.add("cpu_load", CPU_UNIT, 1e6 * load_cpu / events)
         result.add("cpu_publisher", CPU_UNIT, 1e6 * self._spent["publisher"] / events)
         result.add("cpu_publisher_loop", CPU_UNIT, 1e6 * self._spent["loop"] / events)
+        result.add("cpu_publisher_threads", CPU_UNIT, 1e6 * self._spent["threads"] / events)
         result.add("cpu_subscriber", CPU_UNIT, 1e6 * self._spent["subscriber"] / events)
         result.add("cores_busy", "cores", self._cores)
 
