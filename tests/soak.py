@@ -151,6 +151,9 @@ async def soak(
     subscriber_bounces: bool = True,
     drain_deadline: float = 300.0,
 ) -> Report:
+    if any(mark > events for mark in kill_at):
+        # A kill point past the last emit would never come.
+        raise ValueError(f"kill_at {list(kill_at)}: every mark must be at most events={events}")
     rng = random.Random(seed)
     report = Report(events=events)
     cluster = Cluster(workdir, free_port(), free_port())
@@ -179,6 +182,7 @@ async def soak(
                     rng,
                     report,
                     subscriber_bounces,
+                    counted=bool(kill_at),
                 )
             )
             await emitting
@@ -262,10 +266,21 @@ async def _chaos(
     rng: random.Random,
     report: Report,
     subscriber_bounces: bool,
+    *,
+    counted: bool,
 ) -> None:
-    while not emitting.done():
+    """Kills the publisher at each kill point while the emits run.
+
+    Counted kill points are all taken, even those the emits pass while the publisher
+    restarts from the one before: a slow restart must not decide how many kills a run
+    gets. Timed ones stop with the emits.
+    """
+    while True:
         point = asyncio.ensure_future(anext(kill_points))
         await asyncio.wait([point, emitting], return_when=asyncio.FIRST_COMPLETED)
+        if not point.done() and counted and not emitting.cancelled() and not emitting.exception():
+            # Every count has been emitted, so this point is due at once.
+            await asyncio.wait([point])
         if not point.done():
             point.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
