@@ -269,11 +269,11 @@ async def _chaos(
     *,
     counted: bool,
 ) -> None:
-    """Kills the publisher at each kill point while the emits run.
+    """Kills and restarts the publisher at each kill point, bouncing the subscriber at times.
 
     Counted kill points are all taken, even those the emits pass while the publisher
-    restarts from the one before: a slow restart must not decide how many kills a run
-    gets. Timed ones stop with the emits.
+    restarts from the one before (those come right after the last emit): a slow restart
+    must not decide how many kills a run gets. Timed ones stop with the emits.
     """
     while True:
         point = asyncio.ensure_future(anext(kill_points))
