@@ -376,14 +376,17 @@ async def floor_http(bench: Bench, result: Result) -> None:
 
 
 async def floor_work(bench: Bench, result: Result) -> None:
-    """The least CPU per event of signing and persisting, in this process (tests.bench.work)."""
+    """The least CPU per event of signing and persisting, and the store's alone, in this
+    process (tests.bench.work)."""
     payload = runtime.payload()
     for _ in range(bench.config.runs):
         sign_grpc, sign_http = await asyncio.to_thread(work.signing_us, payload)
         sqlite = await asyncio.to_thread(work.sqlite_us, bench.config.workdir, payload)
+        store = await asyncio.to_thread(work.store_us, bench.config.workdir, payload)
         result.add("sign_grpc", CPU_UNIT, sign_grpc)
         result.add("sign_http", CPU_UNIT, sign_http)
         result.add("sqlite", CPU_UNIT, sqlite)
+        result.add("store_alone", CPU_UNIT, store)
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -531,7 +534,10 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
         "bare relay: EmitBatch -> memory -> HTTP, no persistence or signing",
         floor_http,
     ),
-    "floor_work": ("least CPU of signing and persisting, in-process", floor_work),
+    "floor_work": (
+        "least CPU of signing and persisting, and the store's alone, in-process",
+        floor_work,
+    ),
     "e2e_grpc_unary": ("Emit per event -> SQLite -> gRPC ack", e2e_grpc_unary),
     "e2e_grpc_batch": ("EmitBatch -> SQLite -> gRPC ack", e2e_grpc_batch),
     "e2e_http": ("EmitBatch -> SQLite -> HTTP ack", e2e_http),

@@ -6,6 +6,11 @@ persisting it (the event, its delivery, the attempt log and the outcome) with
 the product's own statements on SQLite's bare cursor, in batches, the emit
 synced and the outcome not, as the store does. The report weighs them against
 what the targets leave a one-process publisher beyond a bare relay.
+
+Beside them, the product's store itself on the same work, alone in this process:
+what its Python costs over the bare statements, and, against the publisher's
+threads in e2e_grpc_batch, what sharing one interpreter lock with a busy event
+loop costs it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from common import db, signing
-from publisher import migrate, statements
-from publisher.store import _new_delivery, new_id
+from publisher import migrate, model, statements
+from publisher.store import AttemptRecord, Store, _new_delivery, new_id
+
+from . import runtime
 
 BATCH = 500
 ROUNDS = 20
 SIGNINGS = 20_000
+# As in e2e_grpc_batch: the dispatcher's slots, which an emit leases deliveries into, and
+# its claims, of at least half of them; outcomes come back a claim's worth at a time.
+SLOTS = 256
 
 
 def signing_us(payload: bytes) -> tuple[float, float]:
@@ -84,6 +94,81 @@ def sqlite_us(workdir: Path, payload: bytes) -> float:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     return 1e6 * spent / (BATCH * ROUNDS)
+
+
+def store_us(workdir: Path, payload: bytes) -> float:
+    """CPU µs per event of the store doing e2e_grpc_batch's SQLite work, alone in the process.
+
+    Each round emits BATCH events to one subscriber (SLOTS of them leased at emit, as the
+    embedded mode hands them to its dispatcher), claims the rest, and records every
+    outcome. The event loop's part (group commit, hand-over) counts with the store's thread.
+    """
+    path = workdir / "work-store.db"
+    try:
+        return asyncio.run(_store_rounds(path, payload))
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+class _Taker:
+    """The dispatcher's side of an emit: slots granted, claims kept."""
+
+    owner = "work"
+    lease_seconds = 25.0
+
+    def __init__(self) -> None:
+        self.taken: list[model.Claim] = []
+
+    def reserve(self, wanted: int) -> int:
+        return min(wanted, SLOTS)
+
+    def take(self, claims: list[model.Claim], reserved: int) -> None:
+        self.taken.extend(claims)
+
+
+async def _store_rounds(path: Path, payload: bytes) -> float:
+    url = f"sqlite:///{path}"
+    await migrate.upgrade(url)
+    store = Store(db.create_engine(url))
+    taker = store.taker = _Taker()
+    spec = model.SubscriberSpec(
+        name="work", endpoint="127.0.0.1:1", protocol=model.Protocol.GRPC, event_types=(),
+        retry_schedule=(), contact_email="", body_format=model.BodyFormat.RAW, status_url="",
+    )  # fmt: skip
+    spent = 0.0
+    try:
+        await store.create_subscriber(spec, signing.generate_secret())
+        event = model.NewEvent(runtime.EVENT_TYPE, payload, "application/json", "")
+        for round_ in range(ROUNDS + 2):
+            taker.taken.clear()
+            began = time.process_time()
+            await store.emit([event] * BATCH)
+            claims = list(taker.taken)
+            while len(claims) < BATCH:
+                found, _ = await store.claim_round(taker.owner, SLOTS, taker.lease_seconds)
+                claims += found
+            stored = time.process_time() - began
+            # The dispatcher's part, not the store's.
+            outcomes = [_delivered(claim, taker.owner) for claim in claims]
+            began = time.process_time()
+            for start in range(0, BATCH, SLOTS // 2):
+                await store.record(outcomes[start : start + SLOTS // 2])
+            if round_ >= 2:  # As in sqlite_us: the first rounds warm up.
+                spent += stored + time.process_time() - began
+    finally:
+        await store.close()
+    return 1e6 * spent / (BATCH * ROUNDS)
+
+
+def _delivered(claim: model.Claim, owner: str) -> AttemptRecord:
+    now = time.time()
+    return AttemptRecord(
+        delivery_id=claim.delivery_id, attempt=claim.attempt, owner=owner, started_at=now,
+        duration=0.001, outcome="delivered", status_code=0, error="",
+        new_state=model.DeliveryState.DELIVERED, next_attempt_at=now,
+        subscriber_id=claim.subscriber.id,
+    )  # fmt: skip
 
 
 def _batch(payload: bytes) -> tuple[list[dict[str, Any]], ...]:
