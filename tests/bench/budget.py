@@ -9,6 +9,7 @@ same transports, nothing persisted or signed) and the product's own work, of
 which signing each delivery and persisting it cost at the least what floor_work
 measures. When that least is more than the allowance leaves, no change to the
 code of one process meets the target on this machine: the gap is the machine's.
+When the product's own work already fits in what is left, there is no gap.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class Budget:
     @property
     def machine_bound(self) -> bool:
         return self.least > self.left
+
+    @property
+    def fits(self) -> bool:
+        """The product's own work already fits what the target leaves: no gap to explain."""
+        return self.product <= self.left
+
+    @property
+    def gap(self) -> str:
+        if self.fits:
+            return "none"
+        return "the machine's" if self.machine_bound else "the code's"
 
 
 def budgets(bench: scenarios.Bench, bounds: dict[str, float]) -> list[Budget]:

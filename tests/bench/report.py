@@ -142,11 +142,10 @@ def table(
             f" {'least':>7} {'own now':>8}  gap",
         ]
         for each in found_budgets:
-            gap = "the machine's" if each.machine_bound else "the code's"
             lines.append(
                 f"{each.target:<24} {each.asked:>7,.0f} {each.allowed:>8,.0f}"
                 f" {each.relay:>7,.0f} {each.left:>7,.0f} {each.least:>7,.0f}"
-                f" {each.product:>8,.0f}  {gap}"
+                f" {each.product:>8,.0f}  {each.gap}"
             )
         lines.append(
             "allowed: one core (less what the load and subscriber take) over the asked rate;"
@@ -172,7 +171,10 @@ def write_json(
         "scenarios": {name: _result(result) for name, result in bench.results.items()},
         "ratios": found,
         "targets": rows,
-        "budgets": [{**asdict(row), "machine_bound": row.machine_bound} for row in budgets(bench)],
+        "budgets": [
+            {**asdict(row), "machine_bound": row.machine_bound, "gap": row.gap}
+            for row in budgets(bench)
+        ],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
 
