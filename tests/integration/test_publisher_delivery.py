@@ -18,6 +18,7 @@ from publisher import dispatcher
 from publisher.app import PublisherApp
 from publisher.schema import subscribers
 from publisher.store import Store
+from tests.conftest import StartPublisher
 from tests.support import FakeSubscriber, claims_of, eventually
 
 if TYPE_CHECKING:
@@ -118,6 +119,42 @@ async def test_a_send_that_frees_a_slot_with_nothing_due_costs_no_claim(
 
     # Plus one: a poll of the unpatched interval may have been under way.
     assert claims <= 1 + (0 if database_url.startswith("sqlite") else 2 * events)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known limit (README): one pool of send slots, taken by the oldest due deliveries",
+)
+async def test_a_subscriber_that_never_answers_does_not_hold_up_another(
+    start_publisher: StartPublisher,
+) -> None:
+    """Both slots go to a subscriber that holds its calls open; the other's event waits
+    for their 30 s timeout. Fixing that (per-subscriber limits) makes this pass."""
+    slow, fast = FakeSubscriber(hang=60.0), FakeSubscriber()
+    app = await start_publisher(max_in_flight=2, claim_batch=2, delivery_timeout=30.0)
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+            await register(stub, await slow.start(), event_types=["slow.*"])
+            await register(stub, await fast.start(), event_types=["fast.*"])
+            for _ in range(2):
+                await emit(stub, "slow.event")
+
+            async def both_slots_taken() -> bool:
+                return len(slow.received) == 2
+
+            await eventually(both_slots_taken, what="both slots taken by the slow subscriber")
+            emitted = await emit(stub, "fast.event")
+
+            async def arrived() -> bool:
+                return fast.event_ids() == [emitted.event_id]
+
+            await eventually(arrived, deadline=5.0, what="the other subscriber's event")
+    finally:
+        # Answers the held calls (CANCELLED), so that the publisher stops without waiting.
+        await slow.stop()
+        await fast.stop()
 
 
 async def test_emit_is_committed_before_it_answers(stub: Stub) -> None:
