@@ -147,6 +147,8 @@ async def _store_rounds(path: Path, payload: bytes) -> float:
             claims = list(taker.taken)
             while len(claims) < BATCH:
                 found, _ = await store.claim_round(taker.owner, SLOTS, taker.lease_seconds)
+                if not found:
+                    raise RuntimeError(f"{BATCH - len(claims)} deliveries were not claimable")
                 claims += found
             stored = time.process_time() - began
             # The dispatcher's part, not the store's.

@@ -144,7 +144,11 @@ async def test_a_subscriber_that_never_answers_does_not_hold_up_another(
             async def both_slots_taken() -> bool:
                 return len(slow.received) == 2
 
-            await eventually(both_slots_taken, what="both slots taken by the slow subscriber")
+            try:
+                await eventually(both_slots_taken, what="both slots taken by the slow subscriber")
+            except AssertionError as error:
+                # Not the expected failure: the setup itself went wrong.
+                raise RuntimeError(str(error)) from error
             emitted = await emit(stub, "fast.event")
 
             async def arrived() -> bool:
