@@ -95,6 +95,7 @@ class PublisherApp:
             issuer=settings.issuer,
             delivery_timeout=settings.delivery_timeout,
             max_in_flight=settings.max_in_flight,
+            max_in_flight_per_subscriber=settings.per_subscriber_in_flight,
             claim_batch=settings.claim_batch,
         )
         store.on_new_work = dispatcher.wake

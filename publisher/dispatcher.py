@@ -4,7 +4,9 @@ A slot is busy only while its send is: the outcome goes to the store's group
 commit without waiting for it, and the lease keeps the delivery from being
 claimed again until it is written (a crash before that means a resend, which
 receivers deduplicate). Claims wait until half the slots are free, because a
-transaction costs about the same for one row as for a hundred.
+transaction costs about the same for one row as for a hundred. Each subscriber
+may hold only so many of the slots (``publisher.slots``): one that is slow to
+answer cannot take them all, and a claim skips its due deliveries for others'.
 
 Before it guesses, it asks: an attempt whose outcome is uncertain, a resend
 after such an attempt, and the last attempt of a schedule are each followed or
@@ -34,6 +36,7 @@ from collections.abc import Callable, Mapping
 from common import log, signing
 from publisher import model, retry
 from publisher import transport as tx
+from publisher.slots import Grant, Slots
 from publisher.store import AttemptRecord, Store
 
 logger = logging.getLogger("publisher.dispatcher")
@@ -59,6 +62,7 @@ class Dispatcher:
         issuer: str,
         delivery_timeout: float,
         max_in_flight: int,
+        max_in_flight_per_subscriber: int,
         claim_batch: int,
         now: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
@@ -68,7 +72,7 @@ class Dispatcher:
         self._owner = owner
         self._issuer = issuer
         self._timeout = delivery_timeout
-        self._max_in_flight = max_in_flight
+        self._slots = Slots(max_in_flight, max_in_flight_per_subscriber)
         self._claim_batch = claim_batch
         self._now = now
         self._jitter = jitter
@@ -76,8 +80,6 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         # Outcomes handed to the store and not yet committed; bounded for back-pressure.
         self._unrecorded: set[asyncio.Future[list[None]]] = set()
-        # Slots held for deliveries an emit is leasing to us right now (see take).
-        self._reserved = 0
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         # Whether a claim now may find work: new work and a claim that came back full say
@@ -98,25 +100,20 @@ class Dispatcher:
         self._maybe_due = True
         self._wakeup.set()
 
-    def reserve(self, wanted: int) -> int:
+    def grant(self, wanted: int) -> Grant:
         """Holds free slots for deliveries an emit is about to lease to this dispatcher."""
-        if self._stopping:
-            return 0
-        free = self._max_in_flight - len(self._in_flight) - self._reserved
-        granted = max(0, min(wanted, free))
-        self._reserved += granted
-        return granted
+        return self._slots.grant(0 if self._stopping else wanted, for_emit=True)
 
-    def take(self, claims: list[model.Claim], reserved: int) -> None:
-        """Starts deliveries an emit leased to us, in the slots ``reserve`` held for them.
+    def take(self, claims: list[model.Claim], grant: Grant) -> None:
+        """Starts deliveries an emit leased to us, in the slots ``grant`` held for them.
 
         In the embedded mode this skips the claim round trip between an Emit and
         its first send; the lease was written in the emit's own transaction.
         """
-        self._reserved -= reserved
+        self._slots.settle(grant)
         for claim in claims:
             self._start(claim)
-        if reserved > len(claims):
+        if grant.total > len(claims):
             self._wakeup.set()  # Unused slots are free again.
 
     def start(self) -> None:
@@ -140,11 +137,12 @@ class Dispatcher:
 
     def _room(self) -> int:
         """How many deliveries to claim now; 0 until enough slots are free to be worth it."""
-        if len(self._unrecorded) >= 2 * self._max_in_flight:
+        total = self._slots.total
+        if len(self._unrecorded) >= 2 * total:
             return 0  # The database is behind: let it catch up before sending more.
-        room = self._max_in_flight - len(self._in_flight) - self._reserved
-        worth_it = min(self._claim_batch, max(1, self._max_in_flight // 2))
-        if self._in_flight and room < worth_it:
+        room = self._slots.free()
+        worth_it = min(self._claim_batch, max(1, total // 2))
+        if self._slots.in_flight and room < worth_it:
             return 0
         return min(room, self._claim_batch)
 
@@ -162,11 +160,14 @@ class Dispatcher:
                 continue
             # Cleared before the claim, so that new work arriving during it is not missed.
             self._maybe_due = False
+            grant = self._slots.grant(wanted)
             try:
-                claims, due = await self._store.claim_round(self._owner, wanted, self.lease_seconds)
+                claims, due = await self._store.claim_round(self._owner, grant, self.lease_seconds)
             except Exception:
                 logger.exception("claim failed")
                 claims, due = [], None
+            finally:
+                self._slots.settle(grant)
             for claim in claims:
                 self._start(claim)
             if len(claims) == wanted:
@@ -181,9 +182,11 @@ class Dispatcher:
             await self._sleep(self._next_due - now)
 
     def _start(self, claim: model.Claim) -> None:
+        subscriber_id = claim.subscriber.id
+        self._slots.acquire(subscriber_id)
         task = asyncio.create_task(self._deliver(claim))
         self._in_flight.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(lambda done: self._finished(done, subscriber_id))
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or something wakes the dispatcher."""
@@ -192,8 +195,11 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), seconds)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[None], subscriber_id: str) -> None:
         self._in_flight.discard(task)
+        if self._slots.release(subscriber_id):
+            # No longer full: the subscriber's deliveries that claims skipped may be due.
+            self._maybe_due = True
         # A free slot may let the loop claim more.
         self._wakeup.set()
 

@@ -86,7 +86,9 @@ deliveries = sa.Table(
         postgresql_where=sa.text("state = 'pending'"),
     ),
     sa.Index("ix_deliveries_event", "event_id"),
-    sa.Index("ix_deliveries_subscriber_state", "subscriber_id", "state"),
+    # A subscriber's deliveries by state, and its pending ones in due order: a claim that
+    # skips full subscribers takes each other one's oldest due deliveries through it.
+    sa.Index("ix_deliveries_subscriber_due", "subscriber_id", "state", "next_attempt_at"),
     sa.Index(
         "ix_deliveries_unnotified",
         "subscriber_id",

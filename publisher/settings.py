@@ -24,6 +24,8 @@ class Settings:
     connect_timeout: float = 5.0
     max_payload_bytes: int = 1024 * 1024
     max_in_flight: int = 256
+    # At most this many of those to one subscriber; 0 means half of max_in_flight.
+    max_in_flight_per_subscriber: int = 0
     claim_batch: int = 256
     # CIDRs the SSRF guard lets HTTP deliveries reach although they are not public.
     allow_cidrs: tuple[str, ...] = field(default=())
@@ -38,6 +40,13 @@ class Settings:
     reconcile_interval: float = 0.0
     log_level: str = "INFO"
 
+    @property
+    def per_subscriber_in_flight(self) -> int:
+        """The limit per subscriber in force: one slow subscriber keeps at most this many."""
+        if self.max_in_flight_per_subscriber:
+            return min(self.max_in_flight_per_subscriber, self.max_in_flight)
+        return max(1, self.max_in_flight // 2)
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -51,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     config.add(p, "--connect-timeout", "5", "seconds an HTTP delivery may take to connect")
     config.add(p, "--max-payload-bytes", str(1024 * 1024), "largest accepted event payload")
     config.add(p, "--max-in-flight", "256", "deliveries sent at the same time")
+    config.add(
+        p,
+        "--max-in-flight-per-subscriber",
+        "0",
+        "of those, at most this many to one subscriber; 0 = half of --max-in-flight",
+    )
     config.add(p, "--claim-batch", "256", "deliveries claimed per database round trip")
     config.add_list(p, "--allow-cidr", "non-public range HTTP deliveries may reach (SSRF guard)")
     config.add(p, "--reconcile-interval", "60", "seconds between uncertain-delivery sweeps, 0=off")
@@ -90,6 +105,9 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         connect_timeout=_positive(p, args.connect_timeout, "--connect-timeout"),
         max_payload_bytes=int(_positive(p, args.max_payload_bytes, "--max-payload-bytes")),
         max_in_flight=int(_positive(p, args.max_in_flight, "--max-in-flight")),
+        max_in_flight_per_subscriber=int(
+            _non_negative(p, args.max_in_flight_per_subscriber, "--max-in-flight-per-subscriber")
+        ),
         claim_batch=int(_positive(p, args.claim_batch, "--claim-batch")),
         allow_cidrs=cidrs,
         smtp=_smtp(p, args),

@@ -110,17 +110,6 @@ INSERT_DELIVERIES = Prepared(deliveries.insert().inline())
 
 # -- claim ------------------------------------------------------------------------------------
 
-# The oldest due pending deliveries (b_now, b_limit), through the partial index
-# ``ix_deliveries_due``: its cost does not grow with the backlog. Rows another replica
-# has locked are skipped.
-DUE = (
-    sa.select(deliveries.c.id)
-    .where(_IS_PENDING, deliveries.c.next_attempt_at <= sa.bindparam("b_now", type_=sa.Double))
-    .order_by(deliveries.c.next_attempt_at)
-    .limit(sa.bindparam("b_limit", type_=sa.Integer))
-    .with_for_update(skip_locked=True)
-)
-
 # The event columns a claim carries, in model.Event's order.
 _EVENT_COLUMNS = (
     events.c.id,
@@ -130,7 +119,7 @@ _EVENT_COLUMNS = (
     events.c.created_at,
 )
 
-# What a lease returns of each delivery it took, for the claim.
+# What a claim reads of each due delivery, before it leases it.
 CLAIMED = (
     deliveries.c.id,
     deliveries.c.attempts,
@@ -139,42 +128,100 @@ CLAIMED = (
     deliveries.c.last_outcome,
 )
 
-# What a lease writes: b_owner holds the delivery until b_lease_until, its attempt numbers
-# bumped and its round started (b_now) if this is the round's first attempt.
-_LEASE_VALUES: dict[str, Any] = {
-    "attempts": deliveries.c.attempts + 1,
-    "round_attempts": deliveries.c.round_attempts + 1,
-    "round_started_at": sa.func.coalesce(
-        deliveries.c.round_started_at, sa.bindparam("b_now", type_=sa.Double)
-    ),
-    "lease_owner": sa.bindparam("b_owner", type_=sa.String),
-    "next_attempt_at": sa.bindparam("b_lease_until", type_=sa.Double),
-    "updated_at": sa.bindparam("b_now", type_=sa.Double),
-}
-# Leases the due deliveries (PostgreSQL's claim), returning what the claims need of them.
-LEASE_DUE = (
-    deliveries.update()
-    .where(deliveries.c.id.in_(DUE.scalar_subquery()))
-    .values(**_LEASE_VALUES)
-    .returning(*CLAIMED)
-)
+_B_NOW = sa.bindparam("b_now", type_=sa.Double)
+_IS_DUE = (_IS_PENDING, deliveries.c.next_attempt_at <= _B_NOW)
 
-# SQLite's claim, in two statements: the due deliveries with their events (b_now,
-# b_limit), then a lease on each (b_id). SQLite has no SKIP LOCKED and needs none: its
-# transactions take the write lock before they read. On the driver's cursor this costs
-# half the CPU per claimed delivery of LEASE_DUE and CLAIM_DETAILS through Core
-# (30-38 against 65-73 µs here, claims of 128 among emits and records of 500).
+# The claim, in two statements: the due deliveries with their events, then a lease on each
+# of those the dispatcher has room for (publisher.slots), so that it can turn away a full
+# subscriber's. Rows another replica has locked are skipped (SQLite needs no SKIP LOCKED:
+# its transactions take the write lock before they read). On SQLite's cursor this costs
+# half the CPU per claimed delivery of an UPDATE ... RETURNING and a details query through
+# Core (30-38 against 65-73 µs here, claims of 128 among emits and records of 500).
+
+# The oldest due deliveries (b_now, b_limit), through the partial index ``ix_deliveries_due``:
+# its cost does not grow with the backlog.
 DUE_WITH_EVENTS = Prepared(
     sa.select(*CLAIMED, deliveries.c.subscriber_id, *_EVENT_COLUMNS)
     .select_from(deliveries.join(events))
-    .where(_IS_PENDING, deliveries.c.next_attempt_at <= sa.bindparam("b_now", type_=sa.Double))
+    .where(*_IS_DUE)
     .order_by(deliveries.c.next_attempt_at)
     .limit(sa.bindparam("b_limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True, of=deliveries)
 )
+
+# The oldest due deliveries of each active subscriber but those skipped, at most b_per
+# each, oldest first: what a claim takes when the oldest due ones belong to full
+# subscribers. It probes ``ix_deliveries_subscriber_due`` once per active subscriber,
+# however many due deliveries the skipped ones have, and runs only when a claim turned
+# some away. Each database needs its own way to make the probe per subscriber; both return
+# DUE_WITH_EVENTS's columns.
+#
+# PostgreSQL: a LATERAL subquery per subscriber (b_now, b_per, b_skip a list, b_limit).
+# Its planner assumes deliveries spread evenly over subscribers: with a few dozen it
+# probes the index per subscriber, but with two or three it may walk ix_deliveries_due
+# instead and pass the full subscribers' due deliveries on the way.
+_due_of_each = (
+    sa.select(
+        *CLAIMED, deliveries.c.subscriber_id, deliveries.c.event_id, deliveries.c.next_attempt_at
+    )
+    .where(deliveries.c.subscriber_id == subscribers.c.id, *_IS_DUE)
+    .order_by(deliveries.c.next_attempt_at)
+    .limit(sa.bindparam("b_per", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+    .lateral("due")
+)
+DUE_BY_SUBSCRIBER_POSTGRES = (
+    sa.select(
+        *(_due_of_each.c[column.name] for column in CLAIMED),
+        _due_of_each.c.subscriber_id,
+        *_EVENT_COLUMNS,
+    )
+    .select_from(
+        subscribers.join(_due_of_each, sa.true()).join(
+            events, events.c.id == _due_of_each.c.event_id
+        )
+    )
+    .where(
+        subscribers.c.state == model.SubscriberState.ACTIVE.value,
+        subscribers.c.id.not_in(sa.bindparam("b_skip", expanding=True)),
+    )
+    .order_by(_due_of_each.c.next_attempt_at)
+    .limit(sa.bindparam("b_limit", type_=sa.Integer))
+)
+# SQLite has no LATERAL. Its planner never reorders a CROSS JOIN, so this loops over the
+# subscribers and looks up each one's due deliveries by id (b_skip a JSON array; the
+# positional values are b_skip, b_now, b_per, b_limit). Plain SQL, as Core cannot write
+# CROSS JOIN; the test of the claim's query plans checks it.
+DUE_BY_SUBSCRIBER_SQLITE = f"""
+SELECT d.id, d.attempts, d.round_attempts, d.round_started_at, d.last_outcome,
+       d.subscriber_id, e.id, e.type, e.payload, e.content_type, e.created_at
+FROM subscribers AS s CROSS JOIN deliveries AS d CROSS JOIN events AS e
+WHERE s.state = '{model.SubscriberState.ACTIVE.value}'
+  AND s.id NOT IN (SELECT value FROM json_each(?))
+  AND d.id IN (
+    SELECT ahead.id FROM deliveries AS ahead
+    WHERE ahead.subscriber_id = s.id AND ahead.state = '{_PENDING}' AND ahead.next_attempt_at <= ?
+    ORDER BY ahead.next_attempt_at
+    LIMIT ?
+  )
+  AND e.id = d.event_id
+ORDER BY d.next_attempt_at
+LIMIT ?
+"""
+
+# What a lease writes: b_owner holds the delivery b_id until b_lease_until, its attempt
+# numbers bumped and its round started (b_now) if this is the round's first attempt.
 LEASE_ONE = Prepared(
     deliveries.update()
     .where(deliveries.c.id == sa.bindparam("b_id", type_=sa.String))
-    .values(**_LEASE_VALUES)
+    .values(
+        attempts=deliveries.c.attempts + 1,
+        round_attempts=deliveries.c.round_attempts + 1,
+        round_started_at=sa.func.coalesce(deliveries.c.round_started_at, _B_NOW),
+        lease_owner=sa.bindparam("b_owner", type_=sa.String),
+        next_attempt_at=sa.bindparam("b_lease_until", type_=sa.Double),
+        updated_at=_B_NOW,
+    )
 )
 
 EARLIEST_DUE = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(_IS_PENDING)

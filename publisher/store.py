@@ -27,6 +27,7 @@ from common import db, errors
 from common.group_commit import GroupCommit
 from publisher import matching, model, statements
 from publisher.schema import attempts, deliveries, events, subscribers
+from publisher.slots import Grant
 
 T = TypeVar("T")
 
@@ -72,12 +73,12 @@ class Taker(Protocol):
     @property
     def lease_seconds(self) -> float: ...
 
-    def reserve(self, wanted: int) -> int:
-        """Slots held for up to ``wanted`` deliveries; returns how many were granted."""
+    def grant(self, wanted: int) -> Grant:
+        """Slots held for up to ``wanted`` new deliveries, within each subscriber's room."""
         ...
 
-    def take(self, claims: list[model.Claim], reserved: int) -> None:
-        """Starts ``claims`` and gives back the rest of the ``reserved`` slots."""
+    def take(self, claims: list[model.Claim], grant: Grant) -> None:
+        """Starts ``claims`` and gives back the rest of the slots ``grant`` held."""
         ...
 
 
@@ -281,13 +282,13 @@ class Store:
 
     async def _write_events(self, batch: list[model.NewEvent]) -> list[model.EmitResult]:
         taker = self.taker
-        reserved = taker.reserve(len(batch)) if taker is not None else 0
+        grant = taker.grant(len(batch)) if taker is not None else Grant.unlimited(0)
         claims: list[model.Claim] = []
         try:
             for attempt in range(_EMIT_TRIES):
                 try:
                     results, claims = await self._run(
-                        lambda conn: self._insert_events(conn, batch, reserved)
+                        lambda conn: self._insert_events(conn, batch, grant)
                     )
                     break
                 except sa.exc.IntegrityError:
@@ -296,18 +297,19 @@ class Store:
                         raise
         finally:
             if taker is not None:
-                taker.take(claims, reserved)
+                taker.take(claims, grant)
         created = sum(r.delivery_count for r in results if not r.duplicate)
         if created > len(claims):
             self.on_new_work()
         return results
 
     def _insert_events(
-        self, conn: Connection, batch: list[model.NewEvent], reserved: int
+        self, conn: Connection, batch: list[model.NewEvent], grant: Grant
     ) -> tuple[list[model.EmitResult], list[model.Claim]]:
-        """Inserts the events and their deliveries; leases up to ``reserved`` of those to
-        active subscribers to the taker, returning them as claims."""
+        """Inserts the events and their deliveries; leases those to active subscribers
+        that ``grant`` has room for to the taker, returning them as claims."""
         now = self._now()
+        grant.reset()  # A retried transaction leased nothing.
         keys = {event.idempotency_key for event in batch if event.idempotency_key}
         known: dict[str, model.EmitResult] = {}
         if keys:
@@ -341,7 +343,7 @@ class Store:
                 count += 1
                 active = subscriber.state == model.SubscriberState.ACTIVE
                 row = _new_delivery(event_id, subscriber.id, active, now)
-                if active and len(claims) < reserved and self.taker is not None:
+                if active and self.taker is not None and grant.take(subscriber.id):
                     claims.append(_lease_new(row, event, subscriber, self.taker, now))
                 delivery_rows.append(row)
             result = model.EmitResult(event_id=event_id, delivery_count=count, duplicate=False)
@@ -420,29 +422,29 @@ class Store:
         owner dies the delivery simply comes due again. On PostgreSQL, SKIP
         LOCKED lets replicas claim side by side without waiting on each other.
         """
-        claims, _ = await self.claim_round(owner, limit, lease_seconds)
+        claims, _ = await self.claim_round(owner, Grant.unlimited(limit), lease_seconds)
         return claims
 
     async def claim_round(
-        self, owner: str, limit: int, lease_seconds: float
+        self, owner: str, grant: Grant, lease_seconds: float
     ) -> tuple[list[model.Claim], float | None]:
-        """``claim``, and when it found fewer than ``limit``, when the next delivery comes
-        due (None when that is not known: more may be due now, or none is pending)."""
+        """``claim`` of what ``grant`` has room for, and when it found less, when the next
+        delivery comes due (None when that is not known: more may be due now, some due
+        ones wait for full subscribers, or none is pending)."""
         now = self._now()
         params = {
             "b_now": now,
-            "b_limit": limit,
+            "b_limit": grant.total,
             "b_owner": owner,
             "b_lease_until": now + lease_seconds,
         }
 
         def work(conn: Connection) -> tuple[list[model.Claim], float | None]:
-            if self._postgres:
-                claims = _with_details(conn, conn.execute(statements.LEASE_DUE, params).all())
-            else:
-                claims = _lease_due_on_sqlite(conn, params)
+            claims, turned_away = _lease_due(conn, params, grant)
+            if len(claims) == grant.total or turned_away:
+                return claims, None
             # In the same transaction, so an idle dispatcher needs one round trip, not two.
-            due = conn.scalar(statements.EARLIEST_DUE) if len(claims) < limit else None
+            due = conn.scalar(statements.EARLIEST_DUE)
             return claims, None if due is None else float(due)
 
         return await self._run(work, durable=False)
@@ -801,17 +803,50 @@ def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
     return claims
 
 
-def _lease_due_on_sqlite(conn: Connection, params: dict[str, Any]) -> list[model.Claim]:
-    """LEASE_DUE and the claims' details, on SQLite's cursor (statements.DUE_WITH_EVENTS)."""
-    due = statements.DUE_WITH_EVENTS.rows(conn, params)
-    if not due:
-        return []
+def _lease_due(
+    conn: Connection, params: dict[str, Any], grant: Grant
+) -> tuple[list[model.Claim], bool]:
+    """Leases the oldest due deliveries that ``grant`` has room for; and whether it turned
+    any away because their subscriber was full.
+
+    Those turned away are skipped, not waited for: the oldest due deliveries of
+    every other active subscriber are taken in their place, so that one full
+    subscriber's backlog does not hold up the rest.
+    """
     lease = {key: params[key] for key in ("b_now", "b_owner", "b_lease_until")}
-    statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in due])
-    audience = _subscribers_by_id(conn, {row[5] for row in due})
+    rows = statements.DUE_WITH_EVENTS.rows(conn, params)
+    taken: list[Sequence[Any]] = []
+    turned_away: set[str] = set()
+    for row in rows:
+        if grant.take(row[5]):
+            taken.append(row)
+        elif grant.taken < grant.total:
+            turned_away.add(row[5])
+    statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in taken])
+    if turned_away and grant.taken < grant.total:
+        # Leased above, the taken ones are no longer due and are not found again here.
+        skip = sorted(grant.full | turned_away)
+        per, limit = grant.per_subscriber or grant.total, grant.total - grant.taken
+        more: Sequence[Sequence[Any]]
+        if conn.dialect.name == "sqlite":
+            more = conn.exec_driver_sql(
+                statements.DUE_BY_SUBSCRIBER_SQLITE,
+                (json.dumps(skip), params["b_now"], per, limit),
+            ).all()
+        else:
+            more = conn.execute(
+                statements.DUE_BY_SUBSCRIBER_POSTGRES,
+                {"b_now": params["b_now"], "b_per": per, "b_skip": skip, "b_limit": limit},
+            ).all()
+        also = [row for row in more if grant.take(row[5])]
+        statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in also])
+        taken += also
+    if not taken:
+        return [], bool(turned_away)
+    audience = _subscribers_by_id(conn, {row[5] for row in taken})
     now = params["b_now"]
     # The numbers as LEASE_ONE just wrote them, from the values read before it.
-    return [
+    claims = [
         model.Claim(
             delivery_id=delivery_id,
             attempt=attempts + 1,
@@ -829,8 +864,9 @@ def _lease_due_on_sqlite(conn: Connection, params: dict[str, Any]) -> list[model
             last_outcome,
             subscriber_id,
             *event,
-        ) in due
+        ) in taken
     ]
+    return claims, bool(turned_away)
 
 
 def _subscribers_by_id(conn: Connection, ids: set[str]) -> dict[str, model.Subscriber]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from common import db, signing
 from publisher import migrate, model, statements
+from publisher.slots import Grant
 from publisher.store import AttemptRecord, Store, _new_delivery, new_id
 
 from . import runtime
@@ -120,10 +121,10 @@ class _Taker:
     def __init__(self) -> None:
         self.taken: list[model.Claim] = []
 
-    def reserve(self, wanted: int) -> int:
-        return min(wanted, SLOTS)
+    def grant(self, wanted: int) -> Grant:
+        return Grant.unlimited(min(wanted, SLOTS))
 
-    def take(self, claims: list[model.Claim], reserved: int) -> None:
+    def take(self, claims: list[model.Claim], grant: Grant) -> None:
         self.taken.extend(claims)
 
 
@@ -146,7 +147,7 @@ async def _store_rounds(path: Path, payload: bytes) -> float:
             await store.emit([event] * BATCH)
             claims = list(taker.taken)
             while len(claims) < BATCH:
-                found, _ = await store.claim_round(taker.owner, SLOTS, taker.lease_seconds)
+                found = await store.claim(taker.owner, SLOTS, taker.lease_seconds)
                 if not found:
                     raise RuntimeError(f"{BATCH - len(claims)} deliveries were not claimable")
                 claims += found

@@ -109,11 +109,7 @@ async def test_a_second_claim_carries_the_round_and_the_last_outcome(store: Stor
 async def test_claiming_reads_due_deliveries_through_the_partial_index(store: Store) -> None:
     """The claim query is answered from ix_deliveries_due, so the backlog size does not matter."""
     params = {"b_now": time.time(), "b_limit": 100}
-    # SQLite claims with its own select (statements.DUE_WITH_EVENTS); PostgreSQL with DUE.
-    if store.engine.dialect.name == "sqlite":
-        query = statements.DUE_WITH_EVENTS.statement.params(**params)
-    else:
-        query = statements.DUE.params(**params)
+    query = statements.DUE_WITH_EVENTS.statement.params(**params)
     async with store.engine.connect() as conn:
         compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
         if store.engine.dialect.name == "sqlite":

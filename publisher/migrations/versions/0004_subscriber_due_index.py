@@ -1,0 +1,31 @@
+"""Each subscriber's pending deliveries in due order, for claims that skip full subscribers.
+
+The index on (subscriber_id, state) gains next_attempt_at, so it still serves
+lookups by subscriber and state.
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "ix_deliveries_subscriber_due",
+        "deliveries",
+        ["subscriber_id", "state", "next_attempt_at"],
+    )
+    op.drop_index("ix_deliveries_subscriber_state", table_name="deliveries")
+
+
+def downgrade() -> None:
+    op.create_index("ix_deliveries_subscriber_state", "deliveries", ["subscriber_id", "state"])
+    op.drop_index("ix_deliveries_subscriber_due", table_name="deliveries")

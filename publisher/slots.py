@@ -1,0 +1,130 @@
+"""Send slots: how many deliveries may be in flight, overall and to any one subscriber.
+
+A subscriber that holds its calls open until the delivery timeout keeps each
+slot it has for that long. With one shared pool, enough of its deliveries
+would hold every slot, and every other subscriber's events would wait behind
+them. So each subscriber may hold at most ``per_subscriber`` slots of this
+process, and the rest stay free for the others.
+
+A subscriber that reached its limit counts as full until half of its sends
+have finished. Claims skip full subscribers' deliveries, and a claim for one
+freed slot would be a transaction for one row: waiting for half makes each
+claim for it worth its cost, as the dispatcher's overall rule does.
+
+``Grant`` is what one claim or emit transaction may lease: a copy of the
+counts, taken on the event loop and read in the store's thread.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+
+class Grant:
+    """Slots held for one transaction: up to ``total`` leases, within each subscriber's room."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        per_subscriber: int | None = None,
+        busy: Mapping[str, int] | None = None,
+        full: frozenset[str] = frozenset(),
+    ) -> None:
+        self.total = total
+        # None: no limit per subscriber (a claim made outside any dispatcher).
+        self.per_subscriber = per_subscriber
+        self._busy = dict(busy or {})
+        # Subscribers that get nothing from this grant although they may have room.
+        self.full = full
+        self.taken = 0
+        self._taken_by: Counter[str] = Counter()
+
+    @classmethod
+    def unlimited(cls, total: int) -> Grant:
+        return cls(total)
+
+    def take(self, subscriber_id: str) -> bool:
+        """Whether one more delivery to ``subscriber_id`` fits; counts it if it does."""
+        if self.taken >= self.total or subscriber_id in self.full:
+            return False
+        if self.per_subscriber is not None:
+            busy = self._busy.get(subscriber_id, 0) + self._taken_by[subscriber_id]
+            if busy >= self.per_subscriber:
+                return False
+        self._taken_by[subscriber_id] += 1
+        self.taken += 1
+        return True
+
+    def reset(self) -> None:
+        """Forgets what was taken: a transaction that is tried again starts afresh."""
+        self.taken = 0
+        self._taken_by.clear()
+
+
+class Slots:
+    """The dispatcher's count of sends in flight and of slots held for emits."""
+
+    def __init__(self, total: int, per_subscriber: int) -> None:
+        if total < 1 or per_subscriber < 1:
+            raise ValueError("slots: total and per_subscriber must be at least 1")
+        self.total = total
+        self.per_subscriber = min(per_subscriber, total)
+        self._busy: Counter[str] = Counter()
+        self._in_flight = 0
+        self._reserved = 0
+        self._full: set[str] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def free(self) -> int:
+        """Slots neither sending nor held for a grant."""
+        return self.total - self._in_flight - self._reserved
+
+    def busy(self, subscriber_id: str) -> int:
+        return self._busy[subscriber_id]
+
+    def is_full(self, subscriber_id: str) -> bool:
+        return subscriber_id in self._full
+
+    def grant(self, wanted: int, *, for_emit: bool = False) -> Grant:
+        """Holds up to ``wanted`` free slots for one transaction; ``settle`` gives them back.
+
+        An emit's grant may lease to a full subscriber within its limit: that costs
+        no transaction of its own, unlike a claim.
+        """
+        granted = max(0, min(wanted, self.free()))
+        self._reserved += granted
+        return Grant(
+            granted,
+            per_subscriber=self.per_subscriber,
+            busy=self._busy,
+            full=frozenset() if for_emit else frozenset(self._full),
+        )
+
+    def settle(self, grant: Grant) -> None:
+        """Gives back the slots ``grant`` held; the sends it leased are ``acquire``d."""
+        self._reserved -= grant.total
+
+    def acquire(self, subscriber_id: str) -> None:
+        """A send to ``subscriber_id`` starts."""
+        self._busy[subscriber_id] += 1
+        self._in_flight += 1
+        if self._busy[subscriber_id] >= self.per_subscriber:
+            self._full.add(subscriber_id)
+
+    def release(self, subscriber_id: str) -> bool:
+        """A send to ``subscriber_id`` finished; True if that made the subscriber not full."""
+        self._in_flight -= 1
+        left = self._busy[subscriber_id] - 1
+        if left:
+            self._busy[subscriber_id] = left
+        else:
+            del self._busy[subscriber_id]  # The counter holds busy subscribers only.
+        if subscriber_id in self._full and left <= self.per_subscriber // 2:
+            self._full.discard(subscriber_id)
+            return True
+        return False

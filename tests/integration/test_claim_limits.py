@@ -1,0 +1,119 @@
+"""Claims within each subscriber's send limit (publisher.slots), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from common import signing
+from publisher import model, statements
+from publisher.slots import Grant
+from publisher.store import Store
+
+LEASE = 60.0
+
+
+async def subscriber(store: Store, prefix: str) -> str:
+    spec = model.SubscriberSpec(
+        name=prefix,
+        endpoint="127.0.0.1:1",
+        protocol=model.Protocol.GRPC,
+        event_types=(f"{prefix}.*",),
+        retry_schedule=(60.0,),
+        contact_email="",
+        body_format=model.BodyFormat.RAW,
+        status_url="",
+    )
+    return (await store.create_subscriber(spec, signing.generate_secret())).id
+
+
+async def emit(store: Store, event_type: str, count: int) -> None:
+    await store.emit([model.NewEvent(event_type, b"{}", "application/json", "")] * count)
+
+
+def per_subscriber(claims: list[model.Claim]) -> dict[str, int]:
+    return dict(collections.Counter(claim.subscriber.id for claim in claims))
+
+
+async def test_a_claim_skips_a_full_subscribers_backlog_for_the_others(store: Store) -> None:
+    """The full subscriber's 300 due deliveries come first; the claim takes the others'."""
+    slow = await subscriber(store, "slow")
+    fast = await subscriber(store, "fast")
+    other = await subscriber(store, "other")
+    await emit(store, "slow.x", 300)
+    await emit(store, "fast.x", 3)
+    await emit(store, "other.x", 2)
+    grant = Grant(10, per_subscriber=4, busy={slow: 4}, full=frozenset({slow}))
+
+    claims, due = await store.claim_round("replica", grant, LEASE)
+
+    assert per_subscriber(claims) == {fast: 3, other: 2}
+    # The slow subscriber's deliveries are still due: the caller waits to be woken, not polls.
+    assert due is None
+    later = await store.claim("replica", 1000, LEASE)
+    assert per_subscriber(later) == {slow: 300}
+
+
+async def test_a_claim_takes_no_more_for_a_subscriber_than_its_room(store: Store) -> None:
+    a = await subscriber(store, "a")
+    b = await subscriber(store, "b")
+    await emit(store, "a.x", 5)
+    await emit(store, "b.x", 5)
+    grant = Grant(10, per_subscriber=3, busy={a: 1})
+
+    claims, _ = await store.claim_round("replica", grant, LEASE)
+
+    assert per_subscriber(claims) == {a: 2, b: 3}
+    # Those left over were not leased: they are due for the next claim.
+    assert per_subscriber(await store.claim("replica", 1000, LEASE)) == {a: 3, b: 2}
+
+
+async def test_a_claim_within_limits_leases_in_due_order_and_says_when_more_is_due(
+    store: Store,
+) -> None:
+    a = await subscriber(store, "a")
+    await emit(store, "a.x", 3)
+    grant = Grant(2, per_subscriber=5)
+
+    first, due = await store.claim_round("replica", grant, LEASE)
+    assert per_subscriber(first) == {a: 2}
+    assert due is None  # As many as asked for: more may be due.
+
+    rest, due = await store.claim_round("replica", Grant(5, per_subscriber=5), LEASE)
+    assert per_subscriber(rest) == {a: 1}
+    # Nothing left but the leased ones, which come due again when their leases run out.
+    assert due is not None
+    assert due >= max(c.event.created_at for c in first + rest) + LEASE - 1
+
+
+async def test_a_claim_passes_over_a_paused_subscriber(store: Store) -> None:
+    """Held deliveries are never claimed, by either query."""
+    full = await subscriber(store, "full")
+    paused = await subscriber(store, "paused")
+    await emit(store, "full.x", 2)
+    await emit(store, "paused.x", 2)
+    spec = (await store.get_subscriber(paused)).spec
+    await store.update_subscriber(paused, spec, model.SubscriberState.PAUSED, "paused by a test")
+    grant = Grant(10, per_subscriber=1, busy={full: 1}, full=frozenset({full}))
+
+    claims, _ = await store.claim_round("replica", grant, LEASE)
+
+    assert claims == []
+
+
+async def test_skipping_full_subscribers_probes_each_others_due_deliveries(store: Store) -> None:
+    """On SQLite the query behind the skip loops over subscribers and looks each one's due
+    deliveries up in ix_deliveries_subscriber_due, so its cost does not grow with the full
+    subscribers' backlog."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL plans by its statistics (see statements.DUE_BY_SUBSCRIBER_*)")
+    async with store.engine.connect() as conn:
+        result = await conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {statements.DUE_BY_SUBSCRIBER_SQLITE}", ("[]", time.time(), 5, 10)
+        )
+        plan = [str(row._mapping["detail"]) for row in result]
+    assert plan[0].startswith("SCAN s"), plan
+    assert not any(step.startswith("SCAN d") for step in plan), plan
+    assert "ix_deliveries_subscriber_due" in " ".join(plan)

@@ -1,0 +1,85 @@
+"""Send slots per subscriber: the limit, the hysteresis of full, and grants."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from publisher.slots import Grant, Slots
+
+
+def test_a_subscriber_is_full_at_its_limit_until_half_of_its_sends_finish() -> None:
+    slots = Slots(total=10, per_subscriber=4)
+    for _ in range(4):
+        slots.acquire("a")
+    assert slots.is_full("a")
+    assert not slots.release("a")  # 3 left: still full, a claim for one slot is not worth it.
+    assert slots.is_full("a")
+    assert slots.release("a")  # 2 left, half its limit: claims may take its deliveries again.
+    assert not slots.is_full("a")
+    assert slots.busy("a") == 2
+
+
+def test_a_claim_grant_refuses_full_subscribers_and_caps_the_others() -> None:
+    slots = Slots(total=10, per_subscriber=3)
+    for _ in range(3):
+        slots.acquire("full")
+    slots.acquire("b")
+    grant = slots.grant(10)
+    assert grant.total == 6  # The free slots.
+    assert not grant.take("full")
+    assert [grant.take("b") for _ in range(3)] == [True, True, False]
+    assert [grant.take("c") for _ in range(4)] == [True, True, True, False]
+    assert grant.taken == 5
+
+
+def test_an_emit_grant_may_lease_to_a_full_subscriber_within_its_limit() -> None:
+    slots = Slots(total=10, per_subscriber=4)
+    for _ in range(4):
+        slots.acquire("a")
+    slots.release("a")  # 3 busy: full until 2, but room for one more.
+    grant = slots.grant(5, for_emit=True)
+    assert [grant.take("a") for _ in range(2)] == [True, False]
+
+
+def test_a_grant_holds_its_slots_until_settled() -> None:
+    slots = Slots(total=4, per_subscriber=4)
+    grant = slots.grant(3)
+    assert slots.free() == 1
+    assert slots.grant(5).total == 1
+    slots.settle(grant)
+    assert slots.free() == 3
+
+
+def test_a_reset_grant_starts_afresh() -> None:
+    grant = Grant(2, per_subscriber=1)
+    assert grant.take("a")
+    assert not grant.take("a")
+    grant.reset()
+    assert grant.take("a")
+    assert grant.taken == 1
+
+
+def test_the_limit_never_exceeds_the_total_and_is_at_least_one() -> None:
+    assert Slots(total=2, per_subscriber=8).per_subscriber == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        Slots(total=2, per_subscriber=0)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), max_size=200))
+def test_claims_never_put_a_subscriber_over_its_limit(steps: list[tuple[str, bool]]) -> None:
+    """Whatever sends start (through claim grants) and finish, none exceeds the limits."""
+    slots = Slots(total=6, per_subscriber=3)
+    for subscriber, start in steps:
+        if start:
+            grant = slots.grant(1)
+            took = grant.take(subscriber)
+            slots.settle(grant)
+            if took:
+                slots.acquire(subscriber)
+        elif slots.busy(subscriber):
+            slots.release(subscriber)
+        assert slots.busy(subscriber) <= 3
+        assert 0 <= slots.in_flight <= 6
+        assert slots.free() == 6 - slots.in_flight
