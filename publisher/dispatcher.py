@@ -162,15 +162,20 @@ class Dispatcher:
             self._maybe_due = False
             grant = self._slots.grant(wanted)
             try:
-                claims, due = await self._store.claim_round(self._owner, grant, self.lease_seconds)
+                claims, due, turned_away = await self._store.claim_round(
+                    self._owner, grant, self.lease_seconds
+                )
             except Exception:
                 logger.exception("claim failed")
-                claims, due = [], None
+                claims, due, turned_away = [], None, frozenset()
             finally:
                 self._slots.settle(grant)
             for claim in claims:
                 self._start(claim)
-            if len(claims) == wanted:
+            # A subscriber turned away for want of room that is not full now had sends
+            # finish during the claim: its due deliveries can be claimed at once. One that
+            # is full makes the loop claim when it drains (see _finished).
+            if len(claims) == wanted or any(not self._slots.is_full(s) for s in turned_away):
                 self._maybe_due = True
                 continue
             # Nothing more is due now: not before the next one is, and look again within

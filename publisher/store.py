@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -62,6 +62,17 @@ class AttemptRecord:
     # Non-empty: disable the subscriber for this reason (it answered 410 Gone).
     disable_reason: str = ""
     subscriber_id: str = ""
+
+
+class ClaimRound(NamedTuple):
+    claims: list[model.Claim]
+    # When it found fewer than the grant allowed, when the next delivery comes due. None
+    # when that is not known: more may be due now, some due ones were turned away, or
+    # none is pending.
+    due: float | None
+    # Subscribers with due deliveries left for want of room: once they have room again,
+    # those can be claimed.
+    turned_away: frozenset[str]
 
 
 class Taker(Protocol):
@@ -422,15 +433,10 @@ class Store:
         owner dies the delivery simply comes due again. On PostgreSQL, SKIP
         LOCKED lets replicas claim side by side without waiting on each other.
         """
-        claims, _ = await self.claim_round(owner, Grant.unlimited(limit), lease_seconds)
-        return claims
+        return (await self.claim_round(owner, Grant.unlimited(limit), lease_seconds)).claims
 
-    async def claim_round(
-        self, owner: str, grant: Grant, lease_seconds: float
-    ) -> tuple[list[model.Claim], float | None]:
-        """``claim`` of what ``grant`` has room for, and when it found less, when the next
-        delivery comes due (None when that is not known: more may be due now, some due
-        ones wait for full subscribers, or none is pending)."""
+    async def claim_round(self, owner: str, grant: Grant, lease_seconds: float) -> ClaimRound:
+        """``claim`` of what ``grant`` has room for; see ClaimRound for what else it says."""
         now = self._now()
         params = {
             "b_now": now,
@@ -439,13 +445,13 @@ class Store:
             "b_lease_until": now + lease_seconds,
         }
 
-        def work(conn: Connection) -> tuple[list[model.Claim], float | None]:
+        def work(conn: Connection) -> ClaimRound:
             claims, turned_away = _lease_due(conn, params, grant)
             if len(claims) == grant.total or turned_away:
-                return claims, None
+                return ClaimRound(claims, None, turned_away)
             # In the same transaction, so an idle dispatcher needs one round trip, not two.
             due = conn.scalar(statements.EARLIEST_DUE)
-            return claims, None if due is None else float(due)
+            return ClaimRound(claims, None if due is None else float(due), turned_away)
 
         return await self._run(work, durable=False)
 
@@ -805,9 +811,9 @@ def _with_details(conn: Connection, leased: Sequence[Any]) -> list[model.Claim]:
 
 def _lease_due(
     conn: Connection, params: dict[str, Any], grant: Grant
-) -> tuple[list[model.Claim], bool]:
-    """Leases the oldest due deliveries that ``grant`` has room for; and whether it turned
-    any away because their subscriber was full.
+) -> tuple[list[model.Claim], frozenset[str]]:
+    """Leases the oldest due deliveries that ``grant`` has room for; and the subscribers
+    whose due deliveries it turned away for want of room.
 
     Those turned away are skipped, not waited for: the oldest due deliveries of
     every other active subscriber are taken in their place, so that one full
@@ -829,10 +835,10 @@ def _lease_due(
         per, limit = grant.per_subscriber or grant.total, grant.total - grant.taken
         more: Sequence[Sequence[Any]]
         if conn.dialect.name == "sqlite":
-            more = conn.exec_driver_sql(
-                statements.DUE_BY_SUBSCRIBER_SQLITE,
-                (json.dumps(skip), params["b_now"], per, limit),
-            ).all()
+            # On the driver's cursor, as the other claim statements (see statements.Prepared).
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            values = (json.dumps(skip), params["b_now"], per, limit)
+            more = cursor.execute(statements.DUE_BY_SUBSCRIBER_SQLITE, values).fetchall()
         else:
             more = conn.execute(
                 statements.DUE_BY_SUBSCRIBER_POSTGRES,
@@ -842,7 +848,7 @@ def _lease_due(
         statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in also])
         taken += also
     if not taken:
-        return [], bool(turned_away)
+        return [], frozenset(turned_away)
     audience = _subscribers_by_id(conn, {row[5] for row in taken})
     now = params["b_now"]
     # The numbers as LEASE_ONE just wrote them, from the values read before it.
@@ -866,7 +872,7 @@ def _lease_due(
             *event,
         ) in taken
     ]
-    return claims, bool(turned_away)
+    return claims, frozenset(turned_away)
 
 
 def _subscribers_by_id(conn: Connection, ids: set[str]) -> dict[str, model.Subscriber]:

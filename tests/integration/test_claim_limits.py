@@ -47,9 +47,10 @@ async def test_a_claim_skips_a_full_subscribers_backlog_for_the_others(store: St
     await emit(store, "other.x", 2)
     grant = Grant(10, per_subscriber=4, busy={slow: 4}, full=frozenset({slow}))
 
-    claims, due = await store.claim_round("replica", grant, LEASE)
+    claims, due, turned_away = await store.claim_round("replica", grant, LEASE)
 
     assert per_subscriber(claims) == {fast: 3, other: 2}
+    assert turned_away == {slow}
     # The slow subscriber's deliveries are still due: the caller waits to be woken, not polls.
     assert due is None
     later = await store.claim("replica", 1000, LEASE)
@@ -63,7 +64,7 @@ async def test_a_claim_takes_no_more_for_a_subscriber_than_its_room(store: Store
     await emit(store, "b.x", 5)
     grant = Grant(10, per_subscriber=3, busy={a: 1})
 
-    claims, _ = await store.claim_round("replica", grant, LEASE)
+    claims, _, _ = await store.claim_round("replica", grant, LEASE)
 
     assert per_subscriber(claims) == {a: 2, b: 3}
     # Those left over were not leased: they are due for the next claim.
@@ -77,11 +78,11 @@ async def test_a_claim_within_limits_leases_in_due_order_and_says_when_more_is_d
     await emit(store, "a.x", 3)
     grant = Grant(2, per_subscriber=5)
 
-    first, due = await store.claim_round("replica", grant, LEASE)
+    first, due, _ = await store.claim_round("replica", grant, LEASE)
     assert per_subscriber(first) == {a: 2}
     assert due is None  # As many as asked for: more may be due.
 
-    rest, due = await store.claim_round("replica", Grant(5, per_subscriber=5), LEASE)
+    rest, due, _ = await store.claim_round("replica", Grant(5, per_subscriber=5), LEASE)
     assert per_subscriber(rest) == {a: 1}
     # Nothing left but the leased ones, which come due again when their leases run out.
     assert due is not None
@@ -98,7 +99,7 @@ async def test_a_claim_passes_over_a_paused_subscriber(store: Store) -> None:
     await store.update_subscriber(paused, spec, model.SubscriberState.PAUSED, "paused by a test")
     grant = Grant(10, per_subscriber=1, busy={full: 1}, full=frozenset({full}))
 
-    claims, _ = await store.claim_round("replica", grant, LEASE)
+    claims, _, _ = await store.claim_round("replica", grant, LEASE)
 
     assert claims == []
 

@@ -156,6 +156,30 @@ async def test_a_subscriber_that_never_answers_does_not_hold_up_another(
         await fast.stop()
 
 
+async def test_a_backlog_for_one_subscriber_flows_at_its_limit_without_stalls(
+    start_publisher: StartPublisher,
+) -> None:
+    """Two slots of four for the one subscriber: each claim turns most of the backlog away.
+    A claim must follow as soon as the subscriber has room again, not at the next idle
+    poll (1 s), which would take this backlog over 100 s."""
+    subscriber = FakeSubscriber()
+    app = await start_publisher(max_in_flight=4, claim_batch=4)
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+            await register(stub, await subscriber.start())
+            event = publisher_pb2.EmitRequest(type="order.paid", payload=b"{}")
+            await stub.EmitBatch(publisher_pb2.EmitBatchRequest(events=[event] * 200))
+
+            async def all_arrived() -> bool:
+                return len(subscriber.received) >= 200
+
+            await eventually(all_arrived, what="200 events at two at a time")
+            assert len(set(subscriber.event_ids())) == 200
+    finally:
+        await subscriber.stop()
+
+
 async def test_emit_is_committed_before_it_answers(stub: Stub) -> None:
     emitted = await emit(stub, idempotency_key="k1")
     event = (await stub.GetEvent(publisher_pb2.GetEventRequest(event_id=emitted.event_id))).event
