@@ -23,7 +23,7 @@ class Settings:
     # HTTP deliveries: how long establishing a connection may take, within the timeout.
     connect_timeout: float = 5.0
     max_payload_bytes: int = 1024 * 1024
-    max_in_flight: int = 256
+    max_in_flight: int = 512
     # At most this many of those to one subscriber; 0 means half of max_in_flight.
     max_in_flight_per_subscriber: int = 0
     claim_batch: int = 256
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     config.add(p, "--delivery-timeout", "15", "seconds one delivery attempt may take")
     config.add(p, "--connect-timeout", "5", "seconds an HTTP delivery may take to connect")
     config.add(p, "--max-payload-bytes", str(1024 * 1024), "largest accepted event payload")
-    config.add(p, "--max-in-flight", "256", "deliveries sent at the same time")
+    config.add(p, "--max-in-flight", "512", "deliveries sent at the same time")
     config.add(
         p,
         "--max-in-flight-per-subscriber",

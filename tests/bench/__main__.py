@@ -28,7 +28,8 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 FULL = scenarios.Config(
     runs=3,
-    # The publisher's default --max-in-flight; the raw transports are measured at the same.
+    # The publisher's default --max-in-flight-per-subscriber (half of its 512 slots), the
+    # most it sends the one subscriber at once; the raw transports are measured at the same.
     concurrency=256,
     # Sized for at least about 3 s of steady load per run at the slowest rates seen on this
     # machine, and for all of `make bench` to stay under 5 minutes there.

@@ -84,8 +84,10 @@ class Publisher:
 
 
 async def start_publisher(
-    group: procs.Group, database_url: str, *, max_in_flight: int, name: str = "publisher"
+    group: procs.Group, database_url: str, *, per_subscriber: int, name: str = "publisher"
 ) -> Publisher:
+    """A publisher whose one subscriber may have ``per_subscriber`` sends in flight, half
+    of its slots, as its defaults have it (256 of 512)."""
     return await _serve(
         group,
         name,
@@ -96,7 +98,9 @@ async def start_publisher(
             "--database-url",
             database_url,
             "--max-in-flight",
-            str(max_in_flight),
+            str(2 * per_subscriber),
+            "--max-in-flight-per-subscriber",
+            str(per_subscriber),
             # The HTTP ack server listens on loopback, which the SSRF guard refuses by default.
             "--allow-cidr",
             "127.0.0.0/8",

@@ -163,7 +163,7 @@ def _http_load(config: Config) -> Load:
 Start = Callable[[procs.Group], Awaitable[list[cluster.Publisher]]]
 
 
-def _publishers(database_urls: list[str], max_in_flight: int) -> Start:
+def _publishers(database_urls: list[str], per_subscriber: int) -> Start:
     async def start(group: procs.Group) -> list[cluster.Publisher]:
         if not database_urls[0].startswith("sqlite"):
             await cluster.migrate(group, database_urls[0])
@@ -171,7 +171,7 @@ def _publishers(database_urls: list[str], max_in_flight: int) -> Start:
         started = await asyncio.gather(
             *(
                 cluster.start_publisher(
-                    group, url, max_in_flight=max_in_flight, name=f"publisher{index}"
+                    group, url, per_subscriber=per_subscriber, name=f"publisher{index}"
                 )
                 for index, url in enumerate(database_urls)
             )
@@ -426,7 +426,7 @@ async def backlog_rate(bench: Bench, result: Result) -> None:
             path = _database(bench, f"backlog-{label}")
             async with bench.group() as setup:
                 publisher = await cluster.start_publisher(
-                    setup, f"sqlite:///{path}", max_in_flight=config.concurrency
+                    setup, f"sqlite:///{path}", per_subscriber=config.concurrency
                 )
                 subscriber_id = await publisher.register(ready["address"])
             began = time.monotonic()
@@ -455,7 +455,7 @@ async def _backlog_run(
     await subscriber.request({"cmd": "reset"}, 10)
     async with bench.group() as group:
         publisher = await cluster.start_publisher(
-            group, f"sqlite:///{path}", max_in_flight=config.concurrency
+            group, f"sqlite:///{path}", per_subscriber=config.concurrency
         )
         first = await subscriber.request(
             {"cmd": "wait", "count": early, "timeout": budget}, budget + 10
@@ -486,7 +486,7 @@ async def fanout(bench: Bench, result: Result) -> None:
         async with bench.group() as group:
             subscriber, ready = await group.helper("ack_grpc")
             publisher = await cluster.start_publisher(
-                group, _sqlite(bench, stem), max_in_flight=config.concurrency
+                group, _sqlite(bench, stem), per_subscriber=config.concurrency
             )
             began = time.monotonic()
             room = asyncio.Semaphore(16)

@@ -28,6 +28,16 @@ def test_environment_variables_fill_in_for_missing_flags(monkeypatch: pytest.Mon
     assert (parsed.host, parsed.port) == ("0.0.0.0", 6000)
 
 
+def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
+    assert settings.parse([]).per_subscriber_in_flight == 256  # Of 512.
+    assert settings.parse(["--max-in-flight", "1"]).per_subscriber_in_flight == 1
+    told = ["--max-in-flight", "10", "--max-in-flight-per-subscriber", "3"]
+    assert settings.parse(told).per_subscriber_in_flight == 3
+    # No more than there are slots.
+    too_many = ["--max-in-flight", "10", "--max-in-flight-per-subscriber", "30"]
+    assert settings.parse(too_many).per_subscriber_in_flight == 10
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -37,6 +47,7 @@ def test_environment_variables_fill_in_for_missing_flags(monkeypatch: pytest.Mon
         (["--listen", "nohost"], "--listen"),
         (["--reconcile-interval", "-1"], "--reconcile-interval"),
         (["--smtp-port", "0"], "--smtp-port"),
+        (["--max-in-flight-per-subscriber", "-2"], "--max-in-flight-per-subscriber"),
     ],
 )
 def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(
