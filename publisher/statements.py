@@ -10,7 +10,7 @@ statements are ``Prepared``: on SQLite they skip SQLAlchemy's execution layer.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,15 +72,22 @@ class Prepared:
             values = [in_order(row) for row in rows]
         conn.connection.dbapi_connection.cursor().executemany(sql, values)  # type: ignore[union-attr]
 
-    def rows(self, conn: Connection, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
-        """The rows of one run of a query, as tuples in the order of its columns."""
+    def rows(self, conn: Connection, params: dict[str, Any]) -> Generator[Sequence[Any]]:
+        """The rows of one run of a query, as tuples in the order of its columns.
+
+        On SQLite each row is read when it is asked for, so a caller that stops early
+        (and closes the generator) has not paid for the rest.
+        """
         if conn.dialect.name != "sqlite":
-            return conn.execute(self.statement, params).all()
+            yield from conn.execute(self.statement, params).all()
+            return
         sql, order, fixed = self._compiled(conn, tuple(params))
         values = fixed | params
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        found: list[tuple[Any, ...]] = cursor.execute(sql, [values[n] for n in order]).fetchall()
-        return found
+        try:
+            yield from cursor.execute(sql, [values[n] for n in order])
+        finally:
+            cursor.close()
 
     def fetch(self, conn: Connection) -> list[Mapping[Any, Any]]:
         """The rows of a parameterless query, each as a mapping of column name to value."""

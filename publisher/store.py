@@ -14,7 +14,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -820,31 +820,31 @@ def _lease_due(
     subscriber's backlog does not hold up the rest.
     """
     lease = {key: params[key] for key in ("b_now", "b_owner", "b_lease_until")}
-    rows = statements.DUE_WITH_EVENTS.rows(conn, params)
     taken: list[Sequence[Any]] = []
     turned_away: set[str] = set()
-    for row in rows:
-        if grant.take(row[5]):
-            taken.append(row)
-        elif grant.taken < grant.total:
-            turned_away.add(row[5])
+    due = statements.DUE_WITH_EVENTS.rows(conn, params)
+    try:
+        _take(due, grant, taken, turned_away, stop_when_turned_away=True)
+    finally:
+        due.close()
     statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in taken])
     if turned_away and grant.taken < grant.total:
         # Leased above, the taken ones are no longer due and are not found again here.
         skip = sorted(grant.full | turned_away)
         per, limit = grant.per_subscriber or grant.total, grant.total - grant.taken
-        more: Sequence[Sequence[Any]]
+        more: Iterable[Sequence[Any]]
         if conn.dialect.name == "sqlite":
             # On the driver's cursor, as the other claim statements (see statements.Prepared).
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             values = (json.dumps(skip), params["b_now"], per, limit)
-            more = cursor.execute(statements.DUE_BY_SUBSCRIBER_SQLITE, values).fetchall()
+            more = cursor.execute(statements.DUE_BY_SUBSCRIBER_SQLITE, values)
         else:
             more = conn.execute(
                 statements.DUE_BY_SUBSCRIBER_POSTGRES,
                 {"b_now": params["b_now"], "b_per": per, "b_skip": skip, "b_limit": limit},
             ).all()
-        also = [row for row in more if grant.take(row[5])]
+        also: list[Sequence[Any]] = []
+        _take(more, grant, also, turned_away, stop_when_turned_away=False)
         statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in also])
         taken += also
     if not taken:
@@ -873,6 +873,32 @@ def _lease_due(
         ) in taken
     ]
     return claims, frozenset(turned_away)
+
+
+def _take(
+    rows: Iterable[Sequence[Any]],
+    grant: Grant,
+    taken: list[Sequence[Any]],
+    turned_away: set[str],
+    *,
+    stop_when_turned_away: bool,
+) -> None:
+    """Adds the due ``rows`` that ``grant`` has room for to ``taken``, in order; the
+    subscribers of those it has no room for go to ``turned_away``.
+
+    The oldest-first claim stops at the first row it turns away: reading on would
+    read what a full subscriber's backlog may fill, and the query by subscriber,
+    which skips it, finds the others' rows past that point.
+    """
+    for row in rows:
+        if grant.taken >= grant.total:
+            return
+        if grant.take(row[5]):
+            taken.append(row)
+            continue
+        turned_away.add(row[5])
+        if stop_when_turned_away:
+            return
 
 
 def _subscribers_by_id(conn: Connection, ids: set[str]) -> dict[str, model.Subscriber]:
