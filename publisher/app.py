@@ -20,6 +20,7 @@ from publisher.grpc_transport import GrpcTransport
 from publisher.http_transport import HttpTransport
 from publisher.notifier import Notifier
 from publisher.periodic import Periodic
+from publisher.retention import Retention
 from publisher.servicer import PublisherServicer
 from publisher.settings import Settings
 from publisher.store import Store
@@ -27,6 +28,9 @@ from publisher.transport import Transport
 from publisher.wakeup import PostgresWakeup
 
 logger = logging.getLogger("publisher")
+
+# Seconds between retention rounds: what expires in the meantime can wait that long.
+RETENTION_INTERVAL = 600.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -118,6 +122,9 @@ class PublisherApp:
             self._periodic.append(
                 Periodic("reconciler", settings.reconcile_interval, dispatcher.reconcile_once)
             )
+        if settings.retention > 0:
+            retention = Retention(store, settings.retention)
+            self._periodic.append(Periodic("retention", RETENTION_INTERVAL, retention.run_once))
         server = self._server = grpc_server.create_server()
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
             PublisherServicer(

@@ -36,6 +36,8 @@ class Settings:
     notify_window: float = 3600.0
     # Disable a subscriber after this many seconds of nothing but failures (0 = never).
     disable_after: float = 5 * 24 * 3600.0
+    # Settled events older than this many seconds are deleted (0 = kept forever).
+    retention: float = 30 * 24 * 3600.0
     # Seconds between sweeps that ask subscribers about uncertain attempts (0 = off).
     reconcile_interval: float = 0.0
     log_level: str = "INFO"
@@ -69,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     config.add(p, "--claim-batch", "256", "deliveries claimed per database round trip")
     config.add_list(p, "--allow-cidr", "non-public range HTTP deliveries may reach (SSRF guard)")
     config.add(p, "--reconcile-interval", "60", "seconds between uncertain-delivery sweeps, 0=off")
+    config.add(
+        p, "--retention", str(30 * 24 * 3600), "seconds settled events are kept, 0 = forever"
+    )
     mail = p.add_argument_group("email to people when deliveries fail")
     config.add(mail, "--smtp-host", "", "SMTP server; empty disables email")
     config.add(mail, "--smtp-port", "25", "SMTP port")
@@ -115,6 +120,7 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         notify_window=_non_negative(p, args.notify_window, "--notify-window"),
         disable_after=_non_negative(p, args.disable_after, "--disable-after"),
         reconcile_interval=_non_negative(p, args.reconcile_interval, "--reconcile-interval"),
+        retention=_non_negative(p, args.retention, "--retention"),
         log_level=args.log_level,
     )
 

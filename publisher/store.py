@@ -584,6 +584,37 @@ class Store:
         )
         return await self._run(lambda conn: conn.execute(reclaim).rowcount)
 
+    async def prune(self, before: float, limit: int) -> int:
+        """Deletes up to ``limit`` events created before ``before`` whose every delivery is
+        settled (delivered or dead-lettered), with those deliveries and their attempts;
+        returns how many events went. Events still owed to anyone stay, however old."""
+        settled = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
+        owed = (
+            sa.select(deliveries.c.id)
+            .where(deliveries.c.event_id == events.c.id, deliveries.c.state.not_in(settled))
+            .exists()
+        )
+        # In emit order: the oldest first, and the scan stops once it has enough.
+        doomed = (
+            sa.select(events.c.id)
+            .where(events.c.created_at < before, ~owed)
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+
+        def work(conn: Connection) -> int:
+            ids = list(conn.scalars(doomed))
+            if not ids:
+                return 0
+            of_doomed = sa.select(deliveries.c.id).where(deliveries.c.event_id.in_(ids))
+            conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(of_doomed)))
+            conn.execute(deliveries.delete().where(deliveries.c.event_id.in_(ids)))
+            conn.execute(events.delete().where(events.c.id.in_(ids)))
+            return len(ids)
+
+        # Losing a prune in a power cut only means the next round does it again.
+        return await self._run(work, durable=False)
+
     async def replay(self, subscriber_id: str, since: float, patterns: Sequence[str]) -> int:
         """Queues many deliveries again at once, each with a fresh schedule.
 

@@ -15,6 +15,8 @@ def test_defaults_are_the_embedded_loopback_setup() -> None:
     assert parsed.connect_timeout == 5.0
     assert parsed.allow_cidrs == ()
     assert parsed.smtp.host == ""
+    assert parsed.retention == 30 * 24 * 3600
+    assert settings.parse(["--retention", "0"]).retention == 0  # Kept forever.
 
 
 def test_environment_variables_fill_in_for_missing_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,6 +50,7 @@ def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
         (["--reconcile-interval", "-1"], "--reconcile-interval"),
         (["--smtp-port", "0"], "--smtp-port"),
         (["--max-in-flight-per-subscriber", "-2"], "--max-in-flight-per-subscriber"),
+        (["--retention", "-1"], "--retention"),
     ],
 )
 def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(

@@ -1,0 +1,45 @@
+"""Retention: settled events older than ``--retention`` go, with their deliveries and attempts.
+
+Without it the database grows for as long as it lives. An event goes only when
+every delivery of it is settled (delivered or dead-lettered), so nothing still
+owed to a subscriber is lost, however old. What goes with it: GetEvent and
+GetDelivery answer NOT_FOUND, the catch-up feed no longer lists it, and its
+idempotency key may be used again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from common import log
+from publisher.store import Store
+
+logger = logging.getLogger("publisher.retention")
+
+# Events deleted per transaction: on SQLite a transaction holds the only write lock, and
+# emits wait behind it.
+BATCH = 500
+
+
+class Retention:
+    def __init__(self, store: Store, keep: float, *, now: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keep = keep
+        self._now = now
+
+    async def run_once(self) -> int:
+        """Deletes what has expired, a batch per transaction; returns how many events went."""
+        before = self._now() - self._keep
+        total = 0
+        while True:
+            gone = await self._store.prune(before, BATCH)
+            total += gone
+            if gone < BATCH:
+                break
+            await asyncio.sleep(0)  # Emits and claims get their turn between batches.
+        if total:
+            log.event(logger, "pruned", events=total, older_than=before)
+        return total

@@ -1,0 +1,180 @@
+"""Retention: settled events past --retention go, with their deliveries and attempts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+import sqlalchemy as sa
+
+from common import db, errors, signing
+from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from publisher import migrate, model, retention
+from publisher.schema import attempts, deliveries
+from publisher.store import AttemptRecord, Store
+from tests.conftest import StartPublisher
+from tests.support import eventually
+
+T0 = 1_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(database_url: str, clock: Clock) -> AsyncIterator[Store]:
+    """The store on a clock the test moves."""
+    await migrate.ensure_current(database_url, create_if_empty=True)
+    store = Store(db.create_engine(database_url), now=clock)
+    yield store
+    await store.close()
+
+
+async def subscriber(store: Store, prefix: str) -> str:
+    spec = model.SubscriberSpec(
+        name=prefix,
+        endpoint="127.0.0.1:1",
+        protocol=model.Protocol.GRPC,
+        event_types=(f"{prefix}.*", "all.*"),
+        retry_schedule=(60.0,),
+        contact_email="",
+        body_format=model.BodyFormat.RAW,
+        status_url="",
+    )
+    return (await store.create_subscriber(spec, signing.generate_secret())).id
+
+
+async def emit(store: Store, event_type: str, key: str = "") -> model.EmitResult:
+    (result,) = await store.emit([model.NewEvent(event_type, b"{}", "application/json", key)])
+    return result
+
+
+async def settle(store: Store, clock: Clock, state: model.DeliveryState) -> None:
+    """Sends every due delivery once, and records ``state`` for each (PENDING: a retry in
+    an hour)."""
+    for claim in await store.claim("replica", 100, lease_seconds=60.0):
+        record = AttemptRecord(
+            delivery_id=claim.delivery_id,
+            attempt=claim.attempt,
+            owner="replica",
+            started_at=clock.now,
+            duration=0.01,
+            outcome="delivered" if state == model.DeliveryState.DELIVERED else "failed",
+            status_code=0,
+            error="",
+            new_state=state,
+            next_attempt_at=clock.now + (3600 if state == model.DeliveryState.PENDING else 0),
+            subscriber_id=claim.subscriber.id,
+        )
+        await store.record([record])
+
+
+async def count(store: Store, table: sa.Table) -> int:
+    async with store.engine.connect() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
+
+
+async def test_settled_events_past_retention_go_and_owed_or_recent_ones_stay(
+    store: Store, clock: Clock
+) -> None:
+    await subscriber(store, "a")
+    paused = await subscriber(store, "p")
+    spec = (await store.get_subscriber(paused)).spec
+    await store.update_subscriber(paused, spec, model.SubscriberState.PAUSED, "on holiday")
+    delivered = await emit(store, "a.paid", key="k-delivered")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    dead = await emit(store, "a.failed")
+    await settle(store, clock, model.DeliveryState.FAILED)
+    unheard = await emit(store, "nobody.listens")
+    held = await emit(store, "all.news")  # a gets it; p's copy is held while it is paused.
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    pending = await emit(store, "a.waiting")
+    await settle(store, clock, model.DeliveryState.PENDING)  # Failed once, retried later.
+    clock.now = T0 + 100
+    recent = await emit(store, "a.recent")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    assert await count(store, attempts) == 5
+
+    gone = await store.prune(before=T0 + 50, limit=100)
+
+    assert gone == 3
+    for event in (delivered, dead, unheard):
+        with pytest.raises(errors.NotFound):
+            await store.get_event(event.event_id)
+    for event in (held, pending, recent):
+        assert (await store.get_event(event.event_id)).id == event.event_id
+    # Left: held's two deliveries (one settled), pending's and recent's; their attempts.
+    assert await count(store, deliveries) == 4
+    assert await count(store, attempts) == 3
+    # The key of an event that went may be used again.
+    again = await emit(store, "a.paid", key="k-delivered")
+    assert not again.duplicate
+    assert again.event_id != delivered.event_id
+
+
+async def test_a_prune_takes_at_most_its_limit_and_the_job_takes_them_all(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await subscriber(store, "a")
+    for _ in range(5):
+        await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    clock.now = T0 + 10
+
+    assert await store.prune(before=T0 + 1, limit=2) == 2
+    monkeypatch.setattr(retention, "BATCH", 2)
+    job = retention.Retention(store, keep=5.0, now=clock)
+    assert await job.run_once() == 3
+    assert await job.run_once() == 0
+    assert await count(store, deliveries) == 0
+
+
+async def test_nothing_goes_before_its_time(store: Store, clock: Clock) -> None:
+    await subscriber(store, "a")
+    await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    clock.now = T0 + 10
+    assert await retention.Retention(store, keep=30.0, now=clock).run_once() == 0
+    assert await count(store, deliveries) == 1
+
+
+async def test_the_publisher_prunes_what_expired_as_it_starts_and_keeps_the_rest(
+    store: Store, clock: Clock, start_publisher: StartPublisher
+) -> None:
+    """Two days ago, one event was delivered and one is still owed; --retention is one day."""
+    clock.now = time.time() - 2 * 86400
+    await subscriber(store, "a")
+    old = await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    owed = await emit(store, "a.waiting")
+    await settle(store, clock, model.DeliveryState.PENDING)
+    await store.close()  # The publisher is the only one on an SQLite file.
+
+    app = await start_publisher(retention=86400.0)
+
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+
+        async def old_gone() -> bool:
+            try:
+                await stub.GetEvent(publisher_pb2.GetEventRequest(event_id=old.event_id))
+            except grpc.aio.AioRpcError as error:
+                return error.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+        await eventually(old_gone, what="the expired event pruned")
+        kept = await stub.GetEvent(publisher_pb2.GetEventRequest(event_id=owed.event_id))
+        assert kept.event.id == owed.event_id
