@@ -1,7 +1,7 @@
 """Each subscriber's pending deliveries in due order, for claims that skip full subscribers.
 
-The index on (subscriber_id, state) gains next_attempt_at, so it still serves
-lookups by subscriber and state.
+The index on (subscriber_id, state) gains next_attempt_at and id, so it still
+serves lookups by subscriber and state.
 
 Revision ID: 0004
 Revises: 0003
@@ -21,7 +21,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_deliveries_subscriber_due",
         "deliveries",
-        ["subscriber_id", "state", "next_attempt_at"],
+        ["subscriber_id", "state", "next_attempt_at", "id"],
     )
     op.drop_index("ix_deliveries_subscriber_state", table_name="deliveries")
 
