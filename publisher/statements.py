@@ -234,6 +234,22 @@ LEASE_ONE = Prepared(
 
 EARLIEST_DUE = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(_IS_PENDING)
 
+# When the first pending delivery of an active subscriber but those in b_skip comes due:
+# what a claim that turned some subscribers away waits for. A probe of
+# ix_deliveries_subscriber_due per subscriber, ordered as DUE_BY_SUBSCRIBER_POSTGRES is.
+_first_due_of_each = (
+    sa.select(deliveries.c.next_attempt_at)
+    .where(deliveries.c.subscriber_id == subscribers.c.id, _IS_PENDING)
+    .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+    .limit(1)
+    .correlate(subscribers)
+    .scalar_subquery()
+)
+EARLIEST_DUE_SKIPPING = sa.select(sa.func.min(_first_due_of_each)).where(
+    subscribers.c.state == model.SubscriberState.ACTIVE.value,
+    subscribers.c.id.not_in(sa.bindparam("b_skip", expanding=True)),
+)
+
 # The events of the leased deliveries b_ids, and their subscribers' ids.
 CLAIM_DETAILS = (
     sa.select(deliveries.c.id.label("delivery_id"), deliveries.c.subscriber_id, *events.c)

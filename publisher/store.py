@@ -66,9 +66,9 @@ class AttemptRecord:
 
 class ClaimRound(NamedTuple):
     claims: list[model.Claim]
-    # When it found fewer than the grant allowed, when the next delivery comes due. None
-    # when that is not known: more may be due now, some due ones were turned away, or
-    # none is pending.
+    # When it found fewer than the grant allowed, when the next delivery comes due, those
+    # of the subscribers it turned away aside. None when that is not known: more may be
+    # due now, or none is pending.
     due: float | None
     # Subscribers with due deliveries left for want of room: once they have room again,
     # those can be claimed.
@@ -447,10 +447,15 @@ class Store:
 
         def work(conn: Connection) -> ClaimRound:
             claims, turned_away = _lease_due(conn, params, grant)
-            if len(claims) == grant.total or turned_away:
+            if len(claims) == grant.total:
                 return ClaimRound(claims, None, turned_away)
             # In the same transaction, so an idle dispatcher needs one round trip, not two.
-            due = conn.scalar(statements.EARLIEST_DUE)
+            if turned_away:
+                # Their due deliveries wait for room, not for a time: the others' count.
+                skip = sorted(grant.full | turned_away)
+                due = conn.scalar(statements.EARLIEST_DUE_SKIPPING, {"b_skip": skip})
+            else:
+                due = conn.scalar(statements.EARLIEST_DUE)
             return ClaimRound(claims, None if due is None else float(due), turned_away)
 
         return await self._run(work, durable=False)

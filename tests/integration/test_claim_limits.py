@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common import signing
 from publisher import model, statements
 from publisher.slots import Grant
-from publisher.store import Store
+from publisher.store import AttemptRecord, Store
 
 LEASE = 60.0
 
@@ -33,6 +36,22 @@ async def emit(store: Store, event_type: str, count: int) -> None:
     await store.emit([model.NewEvent(event_type, b"{}", "application/json", "")] * count)
 
 
+def failed_once(claim: model.Claim, retry_at: float) -> AttemptRecord:
+    return AttemptRecord(
+        delivery_id=claim.delivery_id,
+        attempt=claim.attempt,
+        owner="replica",
+        started_at=time.time(),
+        duration=0.01,
+        outcome="failed",
+        status_code=0,
+        error="refused",
+        new_state=model.DeliveryState.PENDING,
+        next_attempt_at=retry_at,
+        subscriber_id=claim.subscriber.id,
+    )
+
+
 def per_subscriber(claims: list[model.Claim]) -> dict[str, int]:
     return dict(collections.Counter(claim.subscriber.id for claim in claims))
 
@@ -51,10 +70,32 @@ async def test_a_claim_skips_a_full_subscribers_backlog_for_the_others(store: St
 
     assert per_subscriber(claims) == {fast: 3, other: 2}
     assert turned_away == {slow}
-    # The slow subscriber's deliveries are still due: the caller waits to be woken, not polls.
-    assert due is None
+    # The slow subscriber's deliveries are still due, but wait for room, not for a time:
+    # what comes due next is the others', when the leases just taken run out.
+    assert due == pytest.approx(max(c.event.created_at for c in claims) + LEASE, abs=5)
     later = await store.claim("replica", 1000, LEASE)
     assert per_subscriber(later) == {slow: 300}
+
+
+async def test_a_claim_that_skips_a_full_subscriber_says_when_the_others_come_due(
+    store: Store,
+) -> None:
+    slow = await subscriber(store, "slow")
+    fast = await subscriber(store, "fast")
+    await emit(store, "fast.x", 1)
+    (retried,) = await store.claim("replica", 10, LEASE)
+    retry_at = time.time() + 30
+    await store.record([failed_once(retried, retry_at)])
+    await emit(store, "slow.x", 50)
+    grant = Grant(10, per_subscriber=4, busy={slow: 4}, full=frozenset({slow}))
+
+    claims, due, turned_away = await store.claim_round("replica", grant, LEASE)
+
+    assert claims == []
+    assert turned_away == {slow}
+    # Not the slow subscriber's due deliveries (now): the fast one's retry.
+    assert due == pytest.approx(retry_at)
+    assert retried.subscriber.id == fast
 
 
 async def test_a_claim_takes_no_more_for_a_subscriber_than_its_room(store: Store) -> None:
@@ -130,7 +171,30 @@ async def test_skipping_full_subscribers_probes_each_others_due_deliveries(store
             query = statements.DUE_BY_SUBSCRIBER_POSTGRES.params(
                 b_now=time.time(), b_per=256, b_skip=[full], b_limit=10
             )
-            compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
-            plan = [str(row[0]) for row in await conn.execute(sa.text(f"EXPLAIN {compiled}"))]
+            plan = await explain(conn, query)
         assert "ix_deliveries_due" not in " ".join(plan), plan
     assert "ix_deliveries_subscriber_due" in " ".join(plan), plan
+
+
+async def test_when_the_others_come_due_is_found_by_a_probe_per_subscriber(
+    store: Store,
+) -> None:
+    full = await subscriber(store, "full")
+    await subscriber(store, "a")
+    await emit(store, "full.x", 2000)
+    await emit(store, "a.x", 3)
+    query = statements.EARLIEST_DUE_SKIPPING.params(b_skip=[full])
+    async with store.engine.connect() as conn:
+        if store.engine.dialect.name == "postgresql":
+            await conn.execute(sa.text("ANALYZE"))
+        plan = await explain(conn, query)
+    assert "ix_deliveries_subscriber_due" in " ".join(plan), plan
+    assert "ix_deliveries_due" not in " ".join(plan), plan
+
+
+async def explain(conn: AsyncConnection, query: sa.Select[Any]) -> list[str]:
+    compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
+    if conn.dialect.name == "sqlite":
+        result = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")
+        return [str(row._mapping["detail"]) for row in result]
+    return [str(row[0]) for row in await conn.execute(sa.text(f"EXPLAIN {compiled}"))]
