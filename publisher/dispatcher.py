@@ -102,7 +102,7 @@ class Dispatcher:
 
     def grant(self, wanted: int) -> Grant:
         """Holds free slots for deliveries an emit is about to lease to this dispatcher."""
-        return self._slots.grant(0 if self._stopping else wanted, for_emit=True)
+        return self._slots.grant(0 if self._stopping else wanted)
 
     def take(self, claims: list[model.Claim], grant: Grant) -> None:
         """Starts deliveries an emit leased to us, in the slots ``grant`` held for them.
@@ -188,7 +188,7 @@ class Dispatcher:
 
     def _start(self, claim: model.Claim) -> None:
         subscriber_id = claim.subscriber.id
-        self._slots.acquire(subscriber_id)
+        self._slots.acquire(subscriber_id, claim.subscriber.spec.max_in_flight)
         task = asyncio.create_task(self._deliver(claim))
         self._in_flight.add(task)
         task.add_done_callback(lambda done: self._finished(done, subscriber_id))

@@ -47,6 +47,8 @@ class SubscriberSpec:
     contact_email: str
     body_format: BodyFormat
     status_url: str
+    # Sends in flight to it at most, per publisher process; 0: the publisher's limit.
+    max_in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ subscribers = sa.Table(
     # During a rotation the old secret signs too, until it expires.
     sa.Column("previous_secret", sa.String(200), nullable=True),
     sa.Column("previous_secret_expires_at", sa.Double, nullable=True),
+    # Its own limit on sends in flight; 0: the publisher's.
+    sa.Column("max_in_flight", sa.Integer, nullable=False, server_default="0"),
 )
 
 events = sa.Table(

@@ -56,6 +56,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             contact_email=request.contact_email,
             body_format=request.body_format,
             status_url=request.status_url,
+            max_in_flight=request.max_in_flight,
         )
         secret = validation.secret(request.secret)
         await self._check_reachable(spec)
@@ -109,6 +110,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             contact_email=field("contact_email"),
             body_format=field("body_format"),
             status_url=field("status_url"),
+            max_in_flight=field("max_in_flight"),
         )
         state, reason = current.state, current.state_reason
         if "state" in paths:
@@ -302,6 +304,7 @@ def _subscriber(subscriber: model.Subscriber) -> publisher_pb2.Subscriber:
         state_reason=subscriber.state_reason,
         body_format=_BODY_FORMATS[spec.body_format],
         status_url=spec.status_url,
+        max_in_flight=spec.max_in_flight,
         created_at=_timestamp(subscriber.created_at),
         updated_at=_timestamp(subscriber.updated_at),
     )

@@ -4,12 +4,14 @@ A subscriber that holds its calls open until the delivery timeout keeps each
 slot it has for that long. With one shared pool, enough of its deliveries
 would hold every slot, and every other subscriber's events would wait behind
 them. So each subscriber may hold at most ``per_subscriber`` slots of this
-process, and the rest stay free for the others.
+process, and the rest stay free for the others. A subscriber may ask for fewer
+(its own ``max_in_flight``, for an endpoint that cannot take many at once).
 
 A subscriber that reached its limit counts as full until half of its sends
-have finished. Claims skip full subscribers' deliveries, and a claim for one
-freed slot would be a transaction for one row: waiting for half makes each
-claim for it worth its cost, as the dispatcher's overall rule does.
+have finished: only then does the dispatcher claim for it, as a claim for one
+freed slot would be a transaction for one row. Meanwhile claims look for the
+others' deliveries past its backlog, and top it up to its limit only from the
+oldest due ones they read anyway.
 
 ``Grant`` is what one claim or emit transaction may lease: a copy of the
 counts, taken on the event loop and read in the store's thread.
@@ -19,6 +21,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+
+
+def limit_for(per_subscriber: int | None, own_limit: int) -> int | None:
+    """A subscriber's limit: the publisher's, or its own if that is lower (None: no limit)."""
+    if not own_limit:
+        return per_subscriber
+    return own_limit if per_subscriber is None else min(own_limit, per_subscriber)
 
 
 class Grant:
@@ -36,7 +45,9 @@ class Grant:
         # None: no limit per subscriber (a claim made outside any dispatcher).
         self.per_subscriber = per_subscriber
         self._busy = dict(busy or {})
-        # Subscribers that get nothing from this grant although they may have room.
+        # Subscribers a claim does not look for past the oldest due deliveries, where it
+        # may still top them up to their limit: asking for their backlog by subscriber
+        # would be a probe for a few rows.
         self.full = full
         self.taken = 0
         self._taken_by: Counter[str] = Counter()
@@ -45,13 +56,15 @@ class Grant:
     def unlimited(cls, total: int) -> Grant:
         return cls(total)
 
-    def take(self, subscriber_id: str) -> bool:
-        """Whether one more delivery to ``subscriber_id`` fits; counts it if it does."""
-        if self.taken >= self.total or subscriber_id in self.full:
+    def take(self, subscriber_id: str, own_limit: int = 0) -> bool:
+        """Whether one more delivery to ``subscriber_id`` (whose own limit is ``own_limit``,
+        0 for none) fits; counts it if it does."""
+        if self.taken >= self.total:
             return False
-        if self.per_subscriber is not None:
+        limit = limit_for(self.per_subscriber, own_limit)
+        if limit is not None:
             busy = self._busy.get(subscriber_id, 0) + self._taken_by[subscriber_id]
-            if busy >= self.per_subscriber:
+            if busy >= limit:
                 return False
         self._taken_by[subscriber_id] += 1
         self.taken += 1
@@ -72,6 +85,8 @@ class Slots:
         self.total = total
         self.per_subscriber = min(per_subscriber, total)
         self._busy: Counter[str] = Counter()
+        # The limit of each busy subscriber, as its sends started with.
+        self._limits: dict[str, int] = {}
         self._in_flight = 0
         self._reserved = 0
         self._full: set[str] = set()
@@ -90,41 +105,42 @@ class Slots:
     def is_full(self, subscriber_id: str) -> bool:
         return subscriber_id in self._full
 
-    def grant(self, wanted: int, *, for_emit: bool = False) -> Grant:
-        """Holds up to ``wanted`` free slots for one transaction; ``settle`` gives them back.
-
-        An emit's grant may lease to a full subscriber within its limit: that costs
-        no transaction of its own, unlike a claim.
-        """
+    def grant(self, wanted: int) -> Grant:
+        """Holds up to ``wanted`` free slots for one transaction; ``settle`` gives them back."""
         granted = max(0, min(wanted, self.free()))
         self._reserved += granted
         return Grant(
             granted,
             per_subscriber=self.per_subscriber,
             busy=self._busy,
-            full=frozenset() if for_emit else frozenset(self._full),
+            full=frozenset(self._full),
         )
 
     def settle(self, grant: Grant) -> None:
         """Gives back the slots ``grant`` held; the sends it leased are ``acquire``d."""
         self._reserved -= grant.total
 
-    def acquire(self, subscriber_id: str) -> None:
-        """A send to ``subscriber_id`` starts."""
+    def acquire(self, subscriber_id: str, own_limit: int = 0) -> None:
+        """A send to ``subscriber_id`` (whose own limit is ``own_limit``, 0 for none) starts."""
+        limit = limit_for(self.per_subscriber, own_limit) or self.per_subscriber
+        self._limits[subscriber_id] = limit
         self._busy[subscriber_id] += 1
         self._in_flight += 1
-        if self._busy[subscriber_id] >= self.per_subscriber:
+        if self._busy[subscriber_id] >= limit:
             self._full.add(subscriber_id)
 
     def release(self, subscriber_id: str) -> bool:
         """A send to ``subscriber_id`` finished; True if that made the subscriber not full."""
         self._in_flight -= 1
         left = self._busy[subscriber_id] - 1
+        limit = self._limits[subscriber_id]
         if left:
             self._busy[subscriber_id] = left
         else:
-            del self._busy[subscriber_id]  # The counter holds busy subscribers only.
-        if subscriber_id in self._full and left <= self.per_subscriber // 2:
+            # Both hold busy subscribers only.
+            del self._busy[subscriber_id]
+            del self._limits[subscriber_id]
+        if subscriber_id in self._full and left <= limit // 2:
             self._full.discard(subscriber_id)
             return True
         return False

@@ -145,11 +145,15 @@ _IS_DUE = (_IS_PENDING, deliveries.c.next_attempt_at <= _B_NOW)
 # half the CPU per claimed delivery of an UPDATE ... RETURNING and a details query through
 # Core (30-38 against 65-73 µs here, claims of 128 among emits and records of 500).
 
+# Whose each due delivery is, and that subscriber's own limit on sends in flight: a claim
+# turns away what is over it (publisher.slots).
+_WHOSE = (deliveries.c.subscriber_id, subscribers.c.max_in_flight)
+
 # The oldest due deliveries (b_now, b_limit), through the partial index ``ix_deliveries_due``:
 # its cost does not grow with the backlog.
 DUE_WITH_EVENTS = Prepared(
-    sa.select(*CLAIMED, deliveries.c.subscriber_id, *_EVENT_COLUMNS)
-    .select_from(deliveries.join(events))
+    sa.select(*CLAIMED, *_WHOSE, *_EVENT_COLUMNS)
+    .select_from(deliveries.join(events).join(subscribers))
     .where(*_IS_DUE)
     .order_by(deliveries.c.next_attempt_at)
     .limit(sa.bindparam("b_limit", type_=sa.Integer))
@@ -182,6 +186,7 @@ DUE_BY_SUBSCRIBER_POSTGRES = (
     sa.select(
         *(_due_of_each.c[column.name] for column in CLAIMED),
         _due_of_each.c.subscriber_id,
+        subscribers.c.max_in_flight,
         *_EVENT_COLUMNS,
     )
     .select_from(
@@ -202,7 +207,7 @@ DUE_BY_SUBSCRIBER_POSTGRES = (
 # CROSS JOIN; the test of the claim's query plans checks it.
 DUE_BY_SUBSCRIBER_SQLITE = f"""
 SELECT d.id, d.attempts, d.round_attempts, d.round_started_at, d.last_outcome,
-       d.subscriber_id, e.id, e.type, e.payload, e.content_type, e.created_at
+       d.subscriber_id, s.max_in_flight, e.id, e.type, e.payload, e.content_type, e.created_at
 FROM subscribers AS s CROSS JOIN deliveries AS d CROSS JOIN events AS e
 WHERE s.state = '{model.SubscriberState.ACTIVE.value}'
   AND s.id NOT IN (SELECT value FROM json_each(?))

@@ -354,7 +354,11 @@ class Store:
                 count += 1
                 active = subscriber.state == model.SubscriberState.ACTIVE
                 row = _new_delivery(event_id, subscriber.id, active, now)
-                if active and self.taker is not None and grant.take(subscriber.id):
+                if (
+                    active
+                    and self.taker is not None
+                    and grant.take(subscriber.id, subscriber.spec.max_in_flight)
+                ):
                     claims.append(_lease_new(row, event, subscriber, self.taker, now))
                 delivery_rows.append(row)
             result = model.EmitResult(event_id=event_id, delivery_count=count, duplicate=False)
@@ -893,6 +897,7 @@ def _lease_due(
             round_started_at,
             last_outcome,
             subscriber_id,
+            _,
             *event,
         ) in taken
     ]
@@ -934,7 +939,7 @@ def _take(
     for row in rows:
         if grant.taken >= grant.total:
             return
-        if grant.take(row[5]):
+        if grant.take(row[5], row[6]):
             taken.append(row)
             continue
         turned_away.add(row[5])
@@ -1115,6 +1120,7 @@ def _subscriber_row(subscriber: model.Subscriber) -> dict[str, Any]:
         "secret": subscriber.secret,
         "body_format": spec.body_format.value,
         "status_url": spec.status_url,
+        "max_in_flight": spec.max_in_flight,
         "state": subscriber.state.value,
         "state_reason": subscriber.state_reason,
         "created_at": subscriber.created_at,
@@ -1137,6 +1143,7 @@ def _subscriber(row: Any) -> model.Subscriber:
             contact_email=row["contact_email"],
             body_format=model.BodyFormat(row["body_format"]),
             status_url=row["status_url"],
+            max_in_flight=row["max_in_flight"],
         ),
         secret=row["secret"],
         state=model.SubscriberState(row["state"]),

@@ -43,8 +43,12 @@ UPDATABLE = frozenset(
         "state",
         "body_format",
         "status_url",
+        "max_in_flight",
     }
 )
+# A subscriber's own limit on sends in flight: more would only ever be capped by the
+# publisher's, and a typo of a few digits should be an error, not a setting.
+MAX_SUBSCRIBER_IN_FLIGHT = 10_000
 
 _PROTOCOLS = {
     publisher_pb2.PROTOCOL_GRPC: model.Protocol.GRPC,
@@ -77,6 +81,7 @@ def subscriber_spec(
     contact_email: str,
     body_format: publisher_pb2.BodyFormat.ValueType,
     status_url: str,
+    max_in_flight: int = 0,
 ) -> model.SubscriberSpec:
     name = name.strip()
     if not name:
@@ -107,6 +112,10 @@ def subscriber_spec(
         _http_url(status_url, "status_url")
         if "{event_id}" not in status_url:
             raise errors.InvalidArgument("status_url", "must contain the placeholder {event_id}")
+    if not 0 <= max_in_flight <= MAX_SUBSCRIBER_IN_FLIGHT:
+        raise errors.InvalidArgument(
+            "max_in_flight", f"{max_in_flight} is more than {MAX_SUBSCRIBER_IN_FLIGHT}"
+        )
     return model.SubscriberSpec(
         name=name,
         endpoint=endpoint,
@@ -116,6 +125,7 @@ def subscriber_spec(
         contact_email=contact_email,
         body_format=fmt,
         status_url=status_url,
+        max_in_flight=max_in_flight,
     )
 
 

@@ -156,6 +156,53 @@ async def test_a_subscriber_that_never_answers_does_not_hold_up_another(
         await fast.stop()
 
 
+async def test_a_subscriber_gets_no_more_at_once_than_its_own_limit(
+    start_publisher: StartPublisher,
+) -> None:
+    """The publisher would send it 4 at once (half of 8); it asked for 2, and holds both.
+    Set to 3 by UpdateSubscriber, it gets a third; another subscriber is not held up."""
+    slow, fast = FakeSubscriber(hang=60.0), FakeSubscriber()
+    app = await start_publisher(max_in_flight=8, claim_batch=8, delivery_timeout=30.0)
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+            registered = await register(
+                stub, await slow.start(), event_types=["slow.*"], max_in_flight=2
+            )
+            assert registered.subscriber.max_in_flight == 2
+            await register(stub, await fast.start(), event_types=["fast.*"])
+            for _ in range(5):
+                await emit(stub, "slow.event")
+
+            async def holding(count: int) -> bool:
+                return len(slow.received) == count
+
+            await eventually(lambda: holding(2), what="the slow subscriber holding two calls")
+            emitted = await emit(stub, "fast.event")
+
+            async def arrived() -> bool:
+                return fast.event_ids() == [emitted.event_id]
+
+            await eventually(arrived, deadline=10.0, what="the other subscriber's event")
+            assert len(slow.received) == 2  # Its three other events were due all along.
+
+            raised = await stub.UpdateSubscriber(
+                publisher_pb2.UpdateSubscriberRequest(
+                    subscriber=publisher_pb2.Subscriber(
+                        id=registered.subscriber.id, max_in_flight=3
+                    ),
+                    update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
+                )
+            )
+            assert raised.subscriber.max_in_flight == 3
+            # The new limit applies from the next claim: a new event wakes one.
+            await emit(stub, "fast.event")
+            await eventually(lambda: holding(3), what="a third call under the new limit")
+    finally:
+        await slow.stop()
+        await fast.stop()
+
+
 async def test_a_backlog_for_one_subscriber_flows_at_its_limit_without_stalls(
     start_publisher: StartPublisher,
 ) -> None:
@@ -469,6 +516,7 @@ BAD_REGISTRATIONS = [
     ({"retry_schedule": schedule(10, 5)}, "retry_schedule"),
     ({"contact_email": "not an email"}, "contact_email"),
     ({"secret": "whsec_c2hvcnQ="}, "secret"),
+    ({"max_in_flight": 10_001}, "max_in_flight"),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from publisher.slots import Grant, Slots
+from publisher.slots import Grant, Slots, limit_for
 
 
 def test_a_subscriber_is_full_at_its_limit_until_half_of_its_sends_finish() -> None:
@@ -21,25 +21,26 @@ def test_a_subscriber_is_full_at_its_limit_until_half_of_its_sends_finish() -> N
     assert slots.busy("a") == 2
 
 
-def test_a_claim_grant_refuses_full_subscribers_and_caps_the_others() -> None:
+def test_a_grant_caps_each_subscriber_at_its_limit() -> None:
     slots = Slots(total=10, per_subscriber=3)
     for _ in range(3):
         slots.acquire("full")
     slots.acquire("b")
     grant = slots.grant(10)
     assert grant.total == 6  # The free slots.
-    assert not grant.take("full")
+    assert not grant.take("full")  # At its limit.
+    assert grant.full == {"full"}
     assert [grant.take("b") for _ in range(3)] == [True, True, False]
     assert [grant.take("c") for _ in range(4)] == [True, True, True, False]
     assert grant.taken == 5
 
 
-def test_an_emit_grant_may_lease_to_a_full_subscriber_within_its_limit() -> None:
+def test_a_grant_may_top_up_a_full_subscriber_to_its_limit() -> None:
     slots = Slots(total=10, per_subscriber=4)
     for _ in range(4):
         slots.acquire("a")
     slots.release("a")  # 3 busy: full until 2, but room for one more.
-    grant = slots.grant(5, for_emit=True)
+    grant = slots.grant(5)
     assert [grant.take("a") for _ in range(2)] == [True, False]
 
 
@@ -50,6 +51,22 @@ def test_a_grant_holds_its_slots_until_settled() -> None:
     assert slots.grant(5).total == 1
     slots.settle(grant)
     assert slots.free() == 3
+
+
+def test_a_subscribers_own_limit_counts_when_it_is_lower() -> None:
+    assert limit_for(4, 0) == 4
+    assert limit_for(4, 2) == 2
+    assert limit_for(4, 9) == 4  # The publisher's share caps it.
+    assert limit_for(None, 3) == 3
+    assert limit_for(None, 0) is None
+    slots = Slots(total=10, per_subscriber=4)
+    grant = slots.grant(10)
+    assert [grant.take("a", 2) for _ in range(3)] == [True, True, False]
+    slots.settle(grant)
+    slots.acquire("a", 2)
+    slots.acquire("a", 2)
+    assert slots.is_full("a")
+    assert slots.release("a")  # 1 left, half of its own limit.
 
 
 def test_a_reset_grant_starts_afresh() -> None:

@@ -76,6 +76,14 @@ def test_valid_grpc_subscriber_becomes_a_spec() -> None:
     )
 
 
+def test_a_subscribers_own_limit_is_kept_and_bounded() -> None:
+    assert _spec().max_in_flight == 0  # The publisher's.
+    assert _spec(max_in_flight=5).max_in_flight == 5
+    assert _spec(max_in_flight=10_000).max_in_flight == 10_000
+    with _invalid("max_in_flight"):
+        _spec(max_in_flight=10_001)
+
+
 @pytest.mark.parametrize("name", ["", "   ", "\t\n"])
 def test_empty_name_is_rejected(name: str) -> None:
     """A blank name is refused with field `name`."""
