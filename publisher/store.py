@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -223,13 +223,13 @@ class Store:
         def work(conn: Connection) -> tuple[model.Subscriber, bool]:
             current = _load_subscriber(conn, subscriber_id)
             reactivated = state == model.SubscriberState.ACTIVE != current.state
-            updated = model.Subscriber(
-                id=current.id,
+            # What the caller does not set stays: the secrets (a rotation's previous one
+            # keeps signing until it expires) and the failure record.
+            updated = replace(
+                current,
                 spec=spec,
-                secret=current.secret,
                 state=state,
                 state_reason=state_reason,
-                created_at=current.created_at,
                 updated_at=now,
                 # Re-enabling gives a fresh start before the failing period counts again.
                 failing_since=None if reactivated else current.failing_since,

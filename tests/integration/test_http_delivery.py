@@ -270,6 +270,29 @@ async def test_during_a_secret_rotation_each_valid_secret_signs_and_then_only_th
         Webhook(new).verify(after.body, after.headers)
 
 
+async def test_an_update_during_a_rotation_keeps_the_previous_secret_signing(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """Renaming the subscriber mid-rotation must not cut short the old secret's grace:
+    a partner still verifying with it would reject every delivery."""
+    stub = (await open_publisher()).stub
+    old = new_secret()
+    registered = await register(stub, receiver.url("/hook"), protocol=HTTP, secret=old)
+    subscriber_id = registered.subscriber.id
+    await stub.RotateSecret(publisher_pb2.RotateSecretRequest(subscriber_id=subscriber_id))
+    await stub.UpdateSubscriber(
+        publisher_pb2.UpdateSubscriberRequest(
+            subscriber=publisher_pb2.Subscriber(id=subscriber_id, name="renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        )
+    )
+
+    emitted = await emit_payload(stub)
+    await delivery_in(stub, emitted.event_id, DELIVERED)
+    [delivered] = receiver.posts("/hook")
+    Webhook(old).verify(delivered.body, delivered.headers)
+
+
 async def test_rotate_secret_refuses_bad_input_naming_the_field(
     open_publisher: OpenPublisher, receiver: Receiver
 ) -> None:
