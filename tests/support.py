@@ -19,6 +19,8 @@ import grpc.aio
 import jwt
 
 from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
+from publisher import model
+from publisher.store import AttemptRecord
 
 T = TypeVar("T")
 
@@ -198,3 +200,45 @@ class Process:
         if self._proc.stderr is not None:
             self._proc.stderr.close()
         return code
+
+
+def store_subscriber_spec(name: str, *event_types: str) -> model.SubscriberSpec:
+    """A gRPC subscriber nobody listens for (127.0.0.1:1), retried after a minute: for tests
+    of the store alone, which never send."""
+    return model.SubscriberSpec(
+        name=name,
+        endpoint="127.0.0.1:1",
+        protocol=model.Protocol.GRPC,
+        event_types=event_types,
+        retry_schedule=(60.0,),
+        contact_email="",
+        body_format=model.BodyFormat.RAW,
+        status_url="",
+    )
+
+
+def attempt_record(
+    claim: model.Claim,
+    *,
+    owner: str = "replica",
+    outcome: str = "delivered",
+    state: model.DeliveryState = model.DeliveryState.DELIVERED,
+    at: float | None = None,
+    next_attempt_at: float | None = None,
+    error: str = "",
+) -> AttemptRecord:
+    """What a dispatcher would record for ``claim``'s attempt, made ``at`` (now)."""
+    when = time.time() if at is None else at
+    return AttemptRecord(
+        delivery_id=claim.delivery_id,
+        attempt=claim.attempt,
+        owner=owner,
+        started_at=when,
+        duration=0.01,
+        outcome=outcome,
+        status_code=0,
+        error=error,
+        new_state=state,
+        next_attempt_at=when if next_attempt_at is None else next_attempt_at,
+        subscriber_id=claim.subscriber.id,
+    )

@@ -13,43 +13,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from common import signing
 from publisher import model, statements
 from publisher.slots import Grant
-from publisher.store import AttemptRecord, Store
+from publisher.store import Store
+from tests.support import attempt_record, store_subscriber_spec
 
 LEASE = 60.0
 
 
 async def subscriber(store: Store, prefix: str) -> str:
-    spec = model.SubscriberSpec(
-        name=prefix,
-        endpoint="127.0.0.1:1",
-        protocol=model.Protocol.GRPC,
-        event_types=(f"{prefix}.*",),
-        retry_schedule=(60.0,),
-        contact_email="",
-        body_format=model.BodyFormat.RAW,
-        status_url="",
-    )
+    spec = store_subscriber_spec(prefix, f"{prefix}.*")
     return (await store.create_subscriber(spec, signing.generate_secret())).id
 
 
 async def emit(store: Store, event_type: str, count: int) -> None:
     await store.emit([model.NewEvent(event_type, b"{}", "application/json", "")] * count)
-
-
-def failed_once(claim: model.Claim, retry_at: float) -> AttemptRecord:
-    return AttemptRecord(
-        delivery_id=claim.delivery_id,
-        attempt=claim.attempt,
-        owner="replica",
-        started_at=time.time(),
-        duration=0.01,
-        outcome="failed",
-        status_code=0,
-        error="refused",
-        new_state=model.DeliveryState.PENDING,
-        next_attempt_at=retry_at,
-        subscriber_id=claim.subscriber.id,
-    )
 
 
 def per_subscriber(claims: list[model.Claim]) -> dict[str, int]:
@@ -85,7 +61,17 @@ async def test_a_claim_that_skips_a_full_subscriber_says_when_the_others_come_du
     await emit(store, "fast.x", 1)
     (retried,) = await store.claim("replica", 10, LEASE)
     retry_at = time.time() + 30
-    await store.record([failed_once(retried, retry_at)])
+    await store.record(
+        [
+            attempt_record(
+                retried,
+                outcome="failed",
+                state=model.DeliveryState.PENDING,
+                next_attempt_at=retry_at,
+                error="refused",
+            )
+        ]
+    )
     await emit(store, "slow.x", 50)
     grant = Grant(10, per_subscriber=4, busy={slow: 4}, full=frozenset({slow}))
 

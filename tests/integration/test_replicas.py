@@ -19,43 +19,22 @@ from publisher import model, statements
 from publisher.app import PublisherApp
 from publisher.schema import attempts, deliveries
 from publisher.settings import Settings
-from publisher.store import AttemptRecord, Store
+from publisher.store import Store
 from tests.soak import free_port
-from tests.support import FakeSubscriber, Process, eventually
+from tests.support import (
+    FakeSubscriber,
+    Process,
+    attempt_record,
+    eventually,
+    store_subscriber_spec,
+)
 
 
 async def one_pending_delivery(store: Store) -> str:
-    spec = model.SubscriberSpec(
-        name="s",
-        endpoint="127.0.0.1:1",
-        protocol=model.Protocol.GRPC,
-        event_types=(),
-        retry_schedule=(60.0,),
-        contact_email="",
-        body_format=model.BodyFormat.RAW,
-        status_url="",
-    )
-    await store.create_subscriber(spec, signing.generate_secret())
+    await store.create_subscriber(store_subscriber_spec("s"), signing.generate_secret())
     (result,) = await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
     (delivery,) = await store.list_deliveries(model.DeliveryFilter(event_id=result.event_id), 1, "")
     return delivery.id
-
-
-def outcome(claim: model.Claim, owner: str) -> AttemptRecord:
-    now = time.time()
-    return AttemptRecord(
-        delivery_id=claim.delivery_id,
-        attempt=claim.attempt,
-        owner=owner,
-        started_at=now,
-        duration=0.01,
-        outcome="delivered",
-        status_code=0,
-        error="",
-        new_state=model.DeliveryState.DELIVERED,
-        next_attempt_at=now,
-        subscriber_id=claim.subscriber.id,
-    )
 
 
 async def test_a_late_outcome_from_an_expired_lease_is_fenced_off(store: Store) -> None:
@@ -66,12 +45,12 @@ async def test_a_late_outcome_from_an_expired_lease_is_fenced_off(store: Store) 
     assert claim_a.delivery_id == claim_b.delivery_id == delivery_id
     assert (claim_a.attempt, claim_b.attempt) == (1, 2)
 
-    await store.record([outcome(claim_a, "replica-a")])
+    await store.record([attempt_record(claim_a, owner="replica-a")])
     after_a = await store.get_delivery(delivery_id)
     assert after_a.state == model.DeliveryState.PENDING
     assert after_a.log == ()
 
-    await store.record([outcome(claim_b, "replica-b")])
+    await store.record([attempt_record(claim_b, owner="replica-b")])
     after_b = await store.get_delivery(delivery_id)
     assert after_b.state == model.DeliveryState.DELIVERED
     assert [entry.number for entry in after_b.log] == [2]
@@ -91,7 +70,7 @@ async def test_a_second_claim_carries_the_round_and_the_last_outcome(store: Stor
     await one_pending_delivery(store)
     (first,) = await store.claim("replica", 10, lease_seconds=60.0)
     failed = dataclasses.replace(
-        outcome(first, "replica"),
+        attempt_record(first),
         outcome="uncertain",
         new_state=model.DeliveryState.PENDING,
         next_attempt_at=time.time() - 1,

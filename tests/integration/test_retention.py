@@ -15,9 +15,9 @@ from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import migrate, model, retention
 from publisher import store as store_module
 from publisher.schema import attempts, deliveries
-from publisher.store import AttemptRecord, Store
+from publisher.store import Store
 from tests.conftest import StartPublisher
-from tests.support import eventually
+from tests.support import attempt_record, eventually, store_subscriber_spec
 
 T0 = 1_000_000.0
 
@@ -45,16 +45,7 @@ async def store(database_url: str, clock: Clock) -> AsyncIterator[Store]:
 
 
 async def subscriber(store: Store, prefix: str) -> str:
-    spec = model.SubscriberSpec(
-        name=prefix,
-        endpoint="127.0.0.1:1",
-        protocol=model.Protocol.GRPC,
-        event_types=(f"{prefix}.*", "all.*"),
-        retry_schedule=(60.0,),
-        contact_email="",
-        body_format=model.BodyFormat.RAW,
-        status_url="",
-    )
+    spec = store_subscriber_spec(prefix, f"{prefix}.*", "all.*")
     return (await store.create_subscriber(spec, signing.generate_secret())).id
 
 
@@ -67,18 +58,12 @@ async def settle(store: Store, clock: Clock, state: model.DeliveryState) -> None
     """Sends every due delivery once, and records ``state`` for each (PENDING: a retry in
     an hour)."""
     for claim in await store.claim("replica", 100, lease_seconds=60.0):
-        record = AttemptRecord(
-            delivery_id=claim.delivery_id,
-            attempt=claim.attempt,
-            owner="replica",
-            started_at=clock.now,
-            duration=0.01,
+        record = attempt_record(
+            claim,
             outcome="delivered" if state == model.DeliveryState.DELIVERED else "failed",
-            status_code=0,
-            error="",
-            new_state=state,
+            state=state,
+            at=clock.now,
             next_attempt_at=clock.now + (3600 if state == model.DeliveryState.PENDING else 0),
-            subscriber_id=claim.subscriber.id,
         )
         await store.record([record])
 

@@ -11,7 +11,8 @@ from sqlalchemy.engine import Connection
 
 from publisher import model
 from publisher.store import Store
-from tests.integration.test_replicas import one_pending_delivery, outcome
+from tests.integration.test_replicas import one_pending_delivery
+from tests.support import attempt_record
 
 
 def waits_for_disk(conn: Connection) -> bool:
@@ -43,7 +44,7 @@ async def test_emits_wait_for_the_disk_and_claims_and_outcomes_do_not(store: Sto
     seen = probe(store)
 
     (claim,) = await store.claim("replica", 10, lease_seconds=60.0)
-    await store.record([outcome(claim, "replica")])
+    await store.record([attempt_record(claim)])
     # And an emit waits again, after transactions that did not.
     await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
 
