@@ -77,7 +77,7 @@ class Grant:
 
 
 class Slots:
-    """The dispatcher's count of sends in flight and of slots held for emits."""
+    """The dispatcher's count of sends in flight, per subscriber, and of slots held for grants."""
 
     def __init__(self, total: int, per_subscriber: int) -> None:
         if total < 1 or per_subscriber < 1:
