@@ -603,6 +603,17 @@ class Store:
             ids = list(conn.scalars(doomed))
             if not ids:
                 return 0
+            # Their deliveries, locked and read again: on PostgreSQL a Redeliver may have
+            # made one owed since the query above, and its event must stay.
+            lock = (
+                sa.select(deliveries.c.event_id, deliveries.c.state)
+                .where(deliveries.c.event_id.in_(ids))
+                .with_for_update()
+            )
+            owed_now = {row.event_id for row in conn.execute(lock) if row.state not in _SETTLED}
+            ids = [event_id for event_id in ids if event_id not in owed_now]
+            if not ids:
+                return 0
             of_doomed = sa.select(deliveries.c.id).where(deliveries.c.event_id.in_(ids))
             conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(of_doomed)))
             conn.execute(deliveries.delete().where(deliveries.c.event_id.in_(ids)))
@@ -904,12 +915,15 @@ def _lease_due(
     return claims, frozenset(turned_away)
 
 
+# The states a delivery ends in; an event whose deliveries are all in them is owed nothing.
+_SETTLED = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
+
+
 def expired_events(before: float, limit: int) -> sa.Select[tuple[str]]:
     """The ids of up to ``limit`` events created before ``before`` that nobody is owed."""
-    settled = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
     owed = (
         sa.select(deliveries.c.id)
-        .where(deliveries.c.event_id == events.c.id, deliveries.c.state.not_in(settled))
+        .where(deliveries.c.event_id == events.c.id, deliveries.c.state.not_in(_SETTLED))
         .exists()
     )
     # Oldest first through ix_events_created: the scan reads only what expired.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -179,3 +180,34 @@ async def test_finding_what_expired_reads_only_that(store: Store) -> None:
             await conn.execute(sa.text("SET enable_seqscan = off"))
             plan = [str(row[0]) for row in await conn.execute(sa.text(f"EXPLAIN {compiled}"))]
     assert "ix_events_created" in " ".join(plan)
+
+
+async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock: Clock) -> None:
+    """PostgreSQL: a Redeliver commits between the prune's query and its deletes. The prune
+    waits for it on the delivery's lock, sees the delivery owed again, and keeps the event."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    await subscriber(store, "a")
+    event = await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    clock.now = T0 + 100
+    async with store.engine.connect() as redeliver:
+        await redeliver.execute(
+            deliveries.update()
+            .where(deliveries.c.event_id == event.event_id)
+            .values(state=model.DeliveryState.PENDING.value)
+        )  # Not committed yet: its row lock is held.
+        pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
+
+        async def prune_waits() -> bool:
+            async with store.engine.connect() as conn:
+                waiting = await conn.scalar(
+                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                )
+            return bool(waiting)
+
+        await eventually(prune_waits, what="the prune waiting on the delivery's lock")
+        await redeliver.commit()
+    assert await pruning == 0
+    assert (await store.get_event(event.event_id)).id == event.event_id
+    assert await count(store, deliveries) == 1
