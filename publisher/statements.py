@@ -167,6 +167,12 @@ DUE_WITH_EVENTS = Prepared(
 # some away. Each database needs its own way to make the probe per subscriber; both return
 # DUE_WITH_EVENTS's columns.
 #
+# The subscribers those queries probe: the active ones but those in b_skip (a list).
+_ACTIVE_NOT_SKIPPED = (
+    subscribers.c.state == model.SubscriberState.ACTIVE.value,
+    subscribers.c.id.not_in(sa.bindparam("b_skip", expanding=True)),
+)
+
 # PostgreSQL: a LATERAL subquery per subscriber (b_now, b_per, b_skip a list, b_limit).
 # Its planner assumes deliveries spread evenly over subscribers, so with two or three of
 # them it would rather walk ix_deliveries_due in due order, past the full subscribers'
@@ -194,10 +200,7 @@ DUE_BY_SUBSCRIBER_POSTGRES = (
             events, events.c.id == _due_of_each.c.event_id
         )
     )
-    .where(
-        subscribers.c.state == model.SubscriberState.ACTIVE.value,
-        subscribers.c.id.not_in(sa.bindparam("b_skip", expanding=True)),
-    )
+    .where(*_ACTIVE_NOT_SKIPPED)
     .order_by(_due_of_each.c.next_attempt_at)
     .limit(sa.bindparam("b_limit", type_=sa.Integer))
 )
@@ -250,10 +253,7 @@ _first_due_of_each = (
     .correlate(subscribers)
     .scalar_subquery()
 )
-EARLIEST_DUE_SKIPPING = sa.select(sa.func.min(_first_due_of_each)).where(
-    subscribers.c.state == model.SubscriberState.ACTIVE.value,
-    subscribers.c.id.not_in(sa.bindparam("b_skip", expanding=True)),
-)
+EARLIEST_DUE_SKIPPING = sa.select(sa.func.min(_first_due_of_each)).where(*_ACTIVE_NOT_SKIPPED)
 
 # The events of the leased deliveries b_ids, and their subscribers' ids.
 CLAIM_DETAILS = (

@@ -456,7 +456,7 @@ class Store:
             # In the same transaction, so an idle dispatcher needs one round trip, not two.
             if turned_away:
                 # Their due deliveries wait for room, not for a time: the others' count.
-                skip = sorted(grant.full | turned_away)
+                skip = _skipped(grant, turned_away)
                 due = conn.scalar(statements.EARLIEST_DUE_SKIPPING, {"b_skip": skip})
             else:
                 due = conn.scalar(statements.EARLIEST_DUE)
@@ -869,7 +869,7 @@ def _lease_due(
     statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in taken])
     if turned_away and grant.taken < grant.total:
         # Leased above, the taken ones are no longer due and are not found again here.
-        skip = sorted(grant.full | turned_away)
+        skip = _skipped(grant, turned_away)
         per, limit = grant.per_subscriber or grant.total, grant.total - grant.taken
         more: Iterable[Sequence[Any]]
         if conn.dialect.name == "sqlite":
@@ -933,6 +933,11 @@ def expired_events(before: float, limit: int) -> sa.Select[tuple[str]]:
         .order_by(events.c.created_at)
         .limit(limit)
     )
+
+
+def _skipped(grant: Grant, turned_away: Iterable[str]) -> list[str]:
+    """The subscribers a claim looks past: full before it, or turned away by it."""
+    return sorted(grant.full.union(turned_away))
 
 
 def _take(

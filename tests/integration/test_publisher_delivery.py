@@ -195,8 +195,7 @@ async def test_a_subscriber_gets_no_more_at_once_than_its_own_limit(
                 )
             )
             assert raised.subscriber.max_in_flight == 3
-            # The new limit applies from the next claim: a new event wakes one.
-            await emit(stub, "fast.event")
+            # The new limit applies from the next claim, the idle poll's (1 s) at the latest.
             await eventually(lambda: holding(3), what="a third call under the new limit")
     finally:
         await slow.stop()
@@ -204,11 +203,12 @@ async def test_a_subscriber_gets_no_more_at_once_than_its_own_limit(
 
 
 async def test_a_backlog_for_one_subscriber_flows_at_its_limit_without_stalls(
-    start_publisher: StartPublisher,
+    start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two slots of four for the one subscriber: each claim turns most of the backlog away.
     A claim must follow as soon as the subscriber has room again, not at the next idle
-    poll (1 s), which would take this backlog over 100 s."""
+    poll, here an hour away: waiting for it, the backlog would never arrive in time."""
+    monkeypatch.setattr(dispatcher, "IDLE_POLL_SECONDS", 3600.0)
     subscriber = FakeSubscriber()
     app = await start_publisher(max_in_flight=4, claim_batch=4)
     try:
