@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 import jwt
 
-from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
+from common.gen.webhooks.v1 import publisher_pb2_grpc, subscriber_pb2, subscriber_pb2_grpc
 from publisher import model
+from publisher.app import PublisherApp
 from publisher.store import AttemptRecord
 
 T = TypeVar("T")
+
+# HTTP subscribers in tests listen on loopback, which the SSRF guard refuses by default.
+LOOPBACK = ("127.0.0.0/8",)
 
 DEFAULT_DEADLINE = 20.0
 # How long a lost Receive call keeps its caller waiting.
@@ -47,6 +53,26 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
+def socket_owner(local_port: int, pids: Iterable[int]) -> int | None:
+    """Which of ``pids`` holds the TCP socket whose local port is ``local_port``, if any.
+
+    Tells which process made a connection that a test's server accepted: its peer port
+    is the client socket's local port, and /proc links each socket to its holder.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == local_port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return pid
+    return None
+
+
 def key_of(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix("whsec_"))
 
@@ -55,6 +81,8 @@ def key_of(secret: str) -> bytes:
 class Received:
     request: subscriber_pb2.ReceiveRequest
     metadata: dict[str, str]
+    # The caller's address as gRPC names it ("ipv4:127.0.0.1:PORT").
+    peer: str = ""
 
 
 @dataclass
@@ -84,7 +112,7 @@ class FakeSubscriber(subscriber_pb2_grpc.SubscriberServiceServicer):
         self, request: subscriber_pb2.ReceiveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> subscriber_pb2.ReceiveResponse:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        self.received.append(Received(request, metadata))
+        self.received.append(Received(request, metadata, context.peer()))
         self.calls.append(("receive", request.event.id))
         if self.lose_next > 0:
             self.lose_next -= 1
@@ -242,3 +270,14 @@ def attempt_record(
         next_attempt_at=when if next_attempt_at is None else next_attempt_at,
         subscriber_id=claim.subscriber.id,
     )
+
+
+@dataclass
+class Running:
+    """A publisher started by the ``open_publisher`` fixture, and a client of it."""
+
+    app: PublisherApp
+    stub: publisher_pb2_grpc.PublisherServiceAsyncStub
+
+
+OpenPublisher = Callable[..., Awaitable[Running]]

@@ -4,14 +4,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +17,10 @@ import grpc
 import grpc.aio
 import jwt
 import pytest
-from aiohttp import web
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher.app import PublisherApp
 from subscriber import app as subscriber_app
 from subscriber import settings as subscriber_settings
 from tests.integration.test_publisher_delivery import (
@@ -37,14 +33,14 @@ from tests.integration.test_publisher_delivery import (
     register,
     schedule,
 )
-from tests.support import eventually, key_of
+from tests.receiver import Answer, Receiver
+from tests.support import LOOPBACK, OpenPublisher, eventually, key_of
 
 if TYPE_CHECKING:
     Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
 
 HTTP = publisher_pb2.PROTOCOL_HTTP
 FORM = publisher_pb2.BODY_FORMAT_FORM
-LOOPBACK = ("127.0.0.0/8",)
 # Non-ASCII and a character that form encoding must escape: the bytes must arrive unchanged.
 PAYLOAD = '{"order": 42, "note": "café & co"}'.encode()
 EVENT_TYPE = "order.paid"
@@ -56,126 +52,6 @@ OUTCOME_CONFIRMED = publisher_pb2.ATTEMPT_OUTCOME_CONFIRMED
 
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
-# -- a scriptable HTTP subscriber ------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    """What the receiver answers one POST; ``hang`` holds the answer until the test ends."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    body: str = "ok"
-    hang: bool = False
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """A real aiohttp server that records every request and answers POSTs as scripted per path.
-
-    ``GET /status/{event_id}`` is a status URL: "received" for an event it was POSTed, else
-    "unknown".
-    """
-
-    base: str = ""
-    requests: list[Request] = field(default_factory=list)
-    scripts: dict[str, list[Answer]] = field(default_factory=dict)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def script(self, path: str, *answers: Answer) -> str:
-        """Answers POSTs to ``path`` in this order, the last one repeating; returns its URL."""
-        self.scripts[path] = list(answers)
-        return self.url(path)
-
-    def posts(self, path: str) -> list[Request]:
-        return [r for r in self.requests if r.method == "POST" and r.path == path]
-
-    def status_queries(self) -> list[Request]:
-        return [r for r in self.requests if r.method == "GET"]
-
-    def got(self, event_id: str) -> bool:
-        return any(
-            r.method == "POST" and r.headers.get("webhook-id") == event_id for r in self.requests
-        )
-
-    async def _record(self, request: web.Request) -> None:
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        self.requests.append(Request(request.method, request.path, headers, await request.read()))
-
-    async def post(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        script = self.scripts.get(request.path) or [Answer()]
-        answer = script.pop(0) if len(script) > 1 else script[0]
-        if answer.hang:
-            await self.release.wait()
-        return web.Response(status=answer.status, headers=answer.headers, text=answer.body)
-
-    async def status(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        state = "received" if self.got(request.match_info["event_id"]) else "unknown"
-        return web.json_response({"state": state})
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    app = web.Application()
-    app.router.add_get("/status/{event_id}", server.status)
-    app.router.add_post("/{path:.*}", server.post)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, port = runner.addresses[0][:2]
-    server.base = f"http://127.0.0.1:{port}"
-    yield server
-    # Held answers end here, so that the server can stop.
-    server.release.set()
-    await runner.cleanup()
-
-
-# -- publishers ------------------------------------------------------------------------------
-
-
-@dataclass
-class Running:
-    app: PublisherApp
-    stub: Stub
-
-
-OpenPublisher = Callable[..., Awaitable[Running]]
-
-
-@pytest.fixture
-async def open_publisher(
-    start_publisher: Callable[..., Awaitable[PublisherApp]],
-) -> AsyncIterator[OpenPublisher]:
-    """Starts a publisher (loopback allowed unless ``allow_cidrs`` says otherwise) with a client."""
-    channels: list[grpc.aio.Channel] = []
-
-    async def open_(**overrides: Any) -> Running:
-        overrides.setdefault("allow_cidrs", LOOPBACK)
-        app = await start_publisher(**overrides)
-        channel = grpc.aio.insecure_channel(app.address)
-        channels.append(channel)
-        return Running(app, publisher_pb2_grpc.PublisherServiceStub(channel))
-
-    yield open_
-    for channel in channels:
-        await channel.close(None)
 
 
 async def emit_payload(stub: Stub, payload: bytes = PAYLOAD) -> publisher_pb2.EmitResponse:
