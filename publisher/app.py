@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import mailer, migrate, model, ssrf
+from publisher import worker_wire as wire
 from publisher.dispatcher import Dispatcher
 from publisher.grpc_transport import GrpcTransport
 from publisher.http_transport import HttpTransport
@@ -25,6 +26,7 @@ from publisher.servicer import PublisherServicer
 from publisher.settings import Settings
 from publisher.store import Store
 from publisher.transport import Transport
+from publisher.transport_pool import TransportPool
 from publisher.wakeup import PostgresWakeup
 
 logger = logging.getLogger("publisher")
@@ -47,6 +49,7 @@ class PublisherApp:
         self._store: Store | None = None
         self._dispatcher: Dispatcher | None = None
         self._transports: dict[model.Protocol, Transport] = {}
+        self._pool: TransportPool | None = None
         self._stopped = False
         self._periodic: list[Periodic] = []
         self._wakeup: PostgresWakeup | None = None
@@ -55,6 +58,11 @@ class PublisherApp:
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
+
+    @property
+    def delivery_workers(self) -> list[int]:
+        """The process ids of the delivery workers (``--delivery-workers``); none by default."""
+        return [] if self._pool is None else self._pool.pids
 
     async def start(self) -> None:
         settings = self.settings
@@ -82,16 +90,28 @@ class PublisherApp:
             if reclaimed:
                 log.event(logger, "stale_leases_reclaimed", count=reclaimed)
         guard = ssrf.Guard(settings.allow_cidrs)
-        self._transports = {
-            model.Protocol.GRPC: GrpcTransport(now=time.time),
-            model.Protocol.HTTP: HttpTransport(
-                guard=guard,
-                connect_timeout=settings.connect_timeout,
-                # Every delivery in flight may hold a connection; fewer would queue sends
-                # behind the pool while the dispatcher counts them as in flight.
-                pool_limit=settings.max_in_flight,
-            ),
-        }
+        # Every delivery in flight may hold a connection; fewer would queue sends
+        # behind the pool while the dispatcher counts them as in flight.
+        pool_limit = settings.max_in_flight
+        if settings.delivery_workers:
+            self._pool = TransportPool(
+                settings.delivery_workers,
+                wire.Options(
+                    allow_cidrs=settings.allow_cidrs,
+                    connect_timeout=settings.connect_timeout,
+                    pool_limit=pool_limit,
+                    log_level=settings.log_level,
+                ),
+            )
+            await self._pool.start()
+            self._transports = self._pool.transports()
+        else:
+            self._transports = {
+                model.Protocol.GRPC: GrpcTransport(now=time.time),
+                model.Protocol.HTTP: HttpTransport(
+                    guard=guard, connect_timeout=settings.connect_timeout, pool_limit=pool_limit
+                ),
+            }
         dispatcher = self._dispatcher = Dispatcher(
             store,
             self._transports,
@@ -163,6 +183,8 @@ class PublisherApp:
             await self._dispatcher.stop(grpc_server.GRACE_SECONDS)
         for transport in self._transports.values():
             await transport.close()
+        if self._pool is not None:
+            await self._pool.close()
         if self._store is not None:
             await self._store.close()
         if self._lock is not None:

@@ -11,6 +11,8 @@ from common import config
 from publisher import mailer
 
 DEFAULT_ISSUER = "grpc-webhooks"
+# Each worker is a process of its own: past a few per core they only take turns.
+MAX_DELIVERY_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Settings:
     # At most this many of those to one subscriber; 0 means half of max_in_flight.
     max_in_flight_per_subscriber: int = 0
     claim_batch: int = 256
+    # Child processes that make the attempts (publisher/transport_pool.py); 0 = this one.
+    delivery_workers: int = 0
     # CIDRs the SSRF guard lets HTTP deliveries reach although they are not public.
     allow_cidrs: tuple[str, ...] = field(default=())
     smtp: mailer.SmtpSettings = field(default_factory=mailer.SmtpSettings)
@@ -69,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
         "of those, at most this many to one subscriber; 0 = half of --max-in-flight",
     )
     config.add(p, "--claim-batch", "256", "deliveries claimed per database round trip")
+    config.add(
+        p,
+        "--delivery-workers",
+        "0",
+        "child processes that send deliveries; 0 = send from the publisher's own process",
+    )
     config.add_list(p, "--allow-cidr", "non-public range HTTP deliveries may reach (SSRF guard)")
     config.add(p, "--reconcile-interval", "60", "seconds between uncertain-delivery sweeps, 0=off")
     config.add(
@@ -114,6 +124,7 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
             _non_negative(p, args.max_in_flight_per_subscriber, "--max-in-flight-per-subscriber")
         ),
         claim_batch=int(_positive(p, args.claim_batch, "--claim-batch")),
+        delivery_workers=_workers(p, args.delivery_workers),
         allow_cidrs=cidrs,
         smtp=_smtp(p, args),
         notify_interval=_positive(p, args.notify_interval, "--notify-interval"),
@@ -138,6 +149,13 @@ def _smtp(p: argparse.ArgumentParser, args: argparse.Namespace) -> mailer.SmtpSe
         )
     except ValueError as error:
         p.error(f"SMTP settings: {error}")
+
+
+def _workers(p: argparse.ArgumentParser, value: str) -> int:
+    number = _non_negative(p, value, "--delivery-workers")
+    if number != int(number) or number > MAX_DELIVERY_WORKERS:
+        p.error(f"--delivery-workers: a whole number from 0 to {MAX_DELIVERY_WORKERS}")
+    return int(number)
 
 
 def _positive(p: argparse.ArgumentParser, value: str, flag: str) -> float:

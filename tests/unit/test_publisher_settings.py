@@ -17,6 +17,8 @@ def test_defaults_are_the_embedded_loopback_setup() -> None:
     assert parsed.smtp.host == ""
     assert parsed.retention == 30 * 24 * 3600
     assert settings.parse(["--retention", "0"]).retention == 0  # Kept forever.
+    assert parsed.delivery_workers == 0  # Sent from the publisher's own process.
+    assert settings.parse(["--delivery-workers", "2"]).delivery_workers == 2
 
 
 def test_environment_variables_fill_in_for_missing_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +53,8 @@ def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
         (["--smtp-port", "0"], "--smtp-port"),
         (["--max-in-flight-per-subscriber", "-2"], "--max-in-flight-per-subscriber"),
         (["--retention", "-1"], "--retention"),
+        (["--delivery-workers", "1.5"], "--delivery-workers"),
+        (["--delivery-workers", "65"], "--delivery-workers"),
     ],
 )
 def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(

@@ -1,0 +1,119 @@
+"""A delivery worker: the publisher's transports, run in a child process.
+
+``python -m publisher.transport_worker READ_FD WRITE_FD`` is started by the
+publisher (publisher/transport_pool.py), never by hand. It reads requests from
+READ_FD, makes each attempt or status question in a task of its own with the
+same transports the publisher uses in-process, and writes the results to
+WRITE_FD (publisher/worker_wire.py). It never touches the database: the
+publisher decides what to send and records what happened.
+
+It ignores SIGINT and SIGTERM, which a terminal or a service manager sends to
+the whole process group: the publisher decides when its workers stop, by
+closing the pipe once the attempts in flight have answered. The pipe closes
+too when the publisher dies, so a worker finishes its attempts and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+
+from common import log
+from publisher import model, ssrf
+from publisher import transport as tx
+from publisher import worker_wire as wire
+from publisher.grpc_transport import GrpcTransport
+from publisher.http_transport import HttpTransport
+
+logger = logging.getLogger("publisher.transport_worker")
+
+
+def transports(options: wire.Options) -> dict[str, tx.Transport]:
+    """The transports a worker runs, keyed by protocol name as requests name them."""
+    return {
+        model.Protocol.GRPC.value: GrpcTransport(now=time.time),
+        model.Protocol.HTTP.value: HttpTransport(
+            guard=ssrf.Guard(options.allow_cidrs),
+            connect_timeout=options.connect_timeout,
+            pool_limit=options.pool_limit,
+        ),
+    }
+
+
+async def serve(read_fd: int, write_fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    pipe, _ = await loop.connect_write_pipe(
+        asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0)
+    )
+    try:
+        options = await wire.read_frame(reader)
+    except asyncio.IncompleteReadError:
+        return
+    log.configure(options.log_level)
+    running = transports(options)
+    replies = wire.Outbox(pipe)
+    tasks: set[asyncio.Task[None]] = set()
+    # What starting made lives as long as the process (see PublisherApp.run).
+    gc.freeze()
+    try:
+        while True:
+            try:
+                requests: list[wire.Request] = await wire.read_frame(reader)
+            except asyncio.IncompleteReadError:
+                break
+            for request in requests:
+                task = loop.create_task(_answer(running, request, replies))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+    finally:
+        for transport in running.values():
+            await transport.close()
+        replies.close()
+
+
+async def _answer(
+    running: dict[str, tx.Transport], request: wire.Request, replies: wire.Outbox
+) -> None:
+    request_id, kind, protocol, fields = request
+    attempt = wire.attempt_from_wire(fields)
+    transport = running[protocol]
+    if kind == wire.STATUS:
+        replies.put((request_id, (await transport.status(attempt)).value))
+        return
+    try:
+        result = await transport.send(attempt)
+    except Exception as error:
+        # As in the dispatcher: a bug fails the attempt on the schedule instead of
+        # leaving it unanswered (and its delivery leased) until the worker exits.
+        logger.exception("attempt raised")
+        result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
+    replies.put((request_id, wire.result_to_wire(result)))
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    read_fd, write_fd = (int(arg) for arg in sys.argv[1:3])
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(read_fd, write_fd))
+    else:
+        uvloop.run(serve(read_fd, write_fd))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()

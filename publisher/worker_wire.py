@@ -1,0 +1,111 @@
+"""What the publisher and its delivery workers say to each other over a pipe.
+
+Each message is a frame: four bytes of length, then a pickle. Pickle is safe
+here because both ends are this program's own processes on a private pipe.
+Attempts and results travel as plain tuples: pickling the dataclasses
+themselves cost several times as much per delivery.
+
+The first frame to a worker is its ``Options``; after it, the publisher sends
+lists of ``Request`` and the worker answers with lists of ``Reply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from publisher import transport as tx
+
+SEND = 0
+STATUS = 1
+
+# A request: (request id, SEND or STATUS, protocol name, the attempt as a tuple).
+Request = tuple[int, int, str, tuple[Any, ...]]
+# A reply: (request id, the result as a tuple for SEND, the receipt's value for STATUS).
+Reply = tuple[int, Any]
+
+_HEADER = struct.Struct(">I")
+_ATTEMPT_FIELDS = tuple(tx.Attempt.__dataclass_fields__)
+_attempt_tuple = operator.attrgetter(*_ATTEMPT_FIELDS)
+_OUTCOMES = {outcome.value: outcome for outcome in tx.Outcome}
+_RECEIPTS = {receipt.value: receipt for receipt in tx.Receipt}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a worker builds its transports: what the publisher's settings say."""
+
+    allow_cidrs: tuple[str, ...]
+    connect_timeout: float
+    pool_limit: int
+    log_level: str
+
+
+def attempt_to_wire(attempt: tx.Attempt) -> tuple[Any, ...]:
+    fields: tuple[Any, ...] = _attempt_tuple(attempt)
+    return fields
+
+
+def attempt_from_wire(fields: tuple[Any, ...]) -> tx.Attempt:
+    return tx.Attempt(*fields)
+
+
+def result_to_wire(result: tx.Result) -> tuple[Any, ...]:
+    return (
+        result.outcome.value,
+        result.status_code,
+        result.error,
+        result.retry_after,
+        result.gone,
+    )
+
+
+def result_from_wire(fields: tuple[Any, ...]) -> tx.Result:
+    outcome, status_code, error, retry_after, gone = fields
+    return tx.Result(_OUTCOMES[outcome], status_code, error, retry_after, gone)
+
+
+def receipt_from_wire(value: str) -> tx.Receipt:
+    return _RECEIPTS[value]
+
+
+def frame(message: object) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next message; IncompleteReadError when the other end has closed the pipe."""
+    (length,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    return pickle.loads(await reader.readexactly(length))
+
+
+class Outbox:
+    """Messages for the other end, gathered and written as one frame per loop iteration.
+
+    A claim starts hundreds of attempts in one iteration; one frame for all of them
+    costs one pickle and one write instead of hundreds.
+    """
+
+    def __init__(self, pipe: asyncio.WriteTransport) -> None:
+        self._pipe = pipe
+        self._waiting: list[object] = []
+
+    def put(self, message: object) -> None:
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._waiting.append(message)
+
+    def flush(self) -> None:
+        if self._waiting and not self._pipe.is_closing():
+            self._pipe.write(frame(self._waiting))
+        self._waiting = []
+
+    def close(self) -> None:
+        """Writes what waits, then closes the pipe: the other end reads to the end, then EOF."""
+        self.flush()
+        self._pipe.close()

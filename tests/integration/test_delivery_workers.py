@@ -1,0 +1,129 @@
+"""Delivery workers (``--delivery-workers``): the attempts leave from child processes, signed
+as before, and a worker that dies costs an uncertain attempt that the subscriber settles, never
+a lost or doubled delivery (on SQLite and PostgreSQL, via the ``database_url`` fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from standardwebhooks.webhooks import Webhook
+
+from tests.integration.test_http_delivery import (
+    HTTP,
+    OUTCOME_CONFIRMED,
+    emit_payload,
+    first_attempt,
+    new_secret,
+)
+from tests.integration.test_publisher_delivery import DELIVERED, delivery_in, register, schedule
+from tests.receiver import Answer, Receiver
+from tests.support import FakeSubscriber, OpenPublisher, claims_of, eventually, socket_owner
+
+
+async def test_http_deliveries_leave_from_the_workers_signed_as_from_the_publisher(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """Every POST comes over a connection a worker holds, not the publisher, and verifies with
+    the standardwebhooks package."""
+    running = await open_publisher(delivery_workers=2)
+    workers = running.app.delivery_workers
+    assert len(workers) == 2
+    assert os.getpid() not in workers
+    secret = new_secret()
+    await register(running.stub, receiver.url("/hook"), protocol=HTTP, secret=secret)
+
+    emitted = [await emit_payload(running.stub) for _ in range(6)]
+    for event in emitted:
+        await delivery_in(running.stub, event.event_id, DELIVERED)
+    posts = receiver.posts("/hook")
+    assert sorted(p.headers["webhook-id"] for p in posts) == sorted(e.event_id for e in emitted)
+    for post in posts:
+        Webhook(secret).verify(post.body, post.headers)
+    senders = {socket_owner(post.peer_port, [os.getpid(), *workers]) for post in posts}
+    assert senders <= set(workers), senders
+
+
+async def test_grpc_deliveries_leave_from_a_worker_with_a_jwt_pyjwt_accepts(
+    open_publisher: OpenPublisher, subscriber: FakeSubscriber
+) -> None:
+    running = await open_publisher(delivery_workers=1)
+    [worker] = running.app.delivery_workers
+    secret = new_secret()
+    registered = await register(running.stub, f"127.0.0.1:{subscriber.port}", secret=secret)
+
+    emitted = await emit_payload(running.stub)
+    await delivery_in(running.stub, emitted.event_id, DELIVERED)
+    [received] = subscriber.received
+    assert claims_of(received, secret, registered.subscriber.id)["event_id"] == emitted.event_id
+    port = int(received.peer.rsplit(":", 1)[1])
+    assert socket_owner(port, [os.getpid(), worker]) == worker
+
+
+async def test_a_worker_killed_mid_send_leaves_an_uncertain_attempt_the_status_url_settles(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """The send the worker took with it is UNCERTAIN, so the publisher asks (through a new
+    worker) instead of sending again: one POST, a CONFIRMED attempt; later events flow."""
+    running = await open_publisher(delivery_workers=1)
+    [killed] = running.app.delivery_workers
+    endpoint = receiver.script("/slow", Answer(hang=True), Answer())
+    await register(
+        running.stub,
+        endpoint,
+        protocol=HTTP,
+        retry_schedule=schedule(60),
+        status_url=receiver.url("/status/{event_id}"),
+    )
+    stuck = await emit_payload(running.stub)
+    await eventually(
+        lambda: _true(receiver.got(stuck.event_id)), what="the POST reached the receiver"
+    )
+    os.kill(killed, signal.SIGKILL)
+
+    delivery = await first_attempt(running.stub, stuck.event_id)
+    [attempt] = delivery.attempts
+    assert (attempt.outcome, attempt.error) == (
+        OUTCOME_CONFIRMED,
+        "confirmed by status: the subscriber has the event "
+        "(the delivery worker exited before it said whether this was sent)",
+    )
+    assert delivery.state == DELIVERED
+    assert len(receiver.posts("/slow")) == 1
+    [replacement] = running.app.delivery_workers
+    assert replacement != killed
+
+    later = await emit_payload(running.stub)
+    await delivery_in(running.stub, later.event_id, DELIVERED)
+    [post] = [p for p in receiver.posts("/slow") if p.headers["webhook-id"] == later.event_id]
+    assert socket_owner(post.peer_port, [replacement]) == replacement
+
+
+async def test_workers_ignore_sigterm_and_exit_when_the_publisher_stops(
+    open_publisher: OpenPublisher, receiver: Receiver
+) -> None:
+    """A service manager's SIGTERM to the whole group leaves the workers to the publisher,
+    which stops them after its own deliveries end."""
+    running = await open_publisher(delivery_workers=1)
+    [worker] = running.app.delivery_workers
+    await register(running.stub, receiver.url("/hook"), protocol=HTTP)
+    first = await emit_payload(running.stub)
+    # Delivered: the worker is past its start-up and has its signal handling in place.
+    await delivery_in(running.stub, first.event_id, DELIVERED)
+
+    os.kill(worker, signal.SIGTERM)
+    second = await emit_payload(running.stub)
+    await delivery_in(running.stub, second.event_id, DELIVERED)
+    assert running.app.delivery_workers == [worker]
+
+    await running.app.stop()
+    assert not _exists(worker)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
