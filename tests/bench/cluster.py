@@ -84,10 +84,16 @@ class Publisher:
 
 
 async def start_publisher(
-    group: procs.Group, database_url: str, *, per_subscriber: int, name: str = "publisher"
+    group: procs.Group,
+    database_url: str,
+    *,
+    per_subscriber: int,
+    workers: int = 0,
+    name: str = "publisher",
 ) -> Publisher:
     """A publisher whose one subscriber may have ``per_subscriber`` sends in flight, half
-    of its slots, as its defaults have it (256 of 512)."""
+    of its slots, as its defaults have it (256 of 512), sending from ``workers`` delivery
+    workers (0, its default: from its own process)."""
     return await _serve(
         group,
         name,
@@ -104,6 +110,8 @@ async def start_publisher(
             # The HTTP ack server listens on loopback, which the SSRF guard refuses by default.
             "--allow-cidr",
             "127.0.0.0/8",
+            "--delivery-workers",
+            str(workers),
         ],
     )
 

@@ -45,6 +45,17 @@ def process(pid: int) -> float:
     return _seconds(Path(f"/proc/{pid}/stat"))
 
 
+def children(pid: int) -> float:
+    """CPU seconds of the running child processes of ``pid``: a publisher's delivery workers."""
+    spent = 0.0
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (thread / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    spent += _seconds(Path(f"/proc/{child}/stat"))
+    return spent
+
+
 def _seconds(stat: Path) -> float:
     # The name before the fields is in parentheses and may hold spaces or parentheses.
     fields = stat.read_text().rsplit(")", 1)[1].split()

@@ -25,6 +25,7 @@ RATIOS = [
     ("e2e_grpc_unary_vs_floor", ("e2e_grpc_unary", "rate"), ("floor_grpc_unary", "rate")),
     ("e2e_grpc_batch_vs_floor", ("e2e_grpc_batch", "rate"), ("floor_grpc_batch", "rate")),
     ("e2e_http_vs_floor", ("e2e_http", "rate"), ("floor_http", "rate")),
+    ("e2e_http_workers_vs_raw", ("e2e_http_workers", "rate"), ("raw_http_post", "rate")),
     ("backlog_1m_vs_1k", ("backlog", "rate_large"), ("backlog", "rate_small")),
     ("e2e_grpc_batch_pg_1_vs_raw", ("e2e_grpc_batch_pg_1", "rate"), ("raw_grpc_unary", "rate")),
     ("e2e_grpc_batch_pg_2_vs_1", ("e2e_grpc_batch_pg_2", "rate"), ("e2e_grpc_batch_pg_1", "rate")),
