@@ -73,6 +73,24 @@ def socket_owner(local_port: int, pids: Iterable[int]) -> int | None:
     return None
 
 
+def children_of(pid: int) -> list[int]:
+    """The process ids of ``pid``'s running children."""
+    found: list[int] = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.extend(int(child) for child in (thread / "children").read_text().split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie nobody reaped yet is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def key_of(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix("whsec_"))
 

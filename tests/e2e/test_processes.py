@@ -19,7 +19,7 @@ from common.gen.webhooks.v1 import (
     subscriber_pb2_grpc,
 )
 from tests.soak import Cluster, duration, free_port, publisher_stub, soak
-from tests.support import eventually
+from tests.support import Process, alive, children_of, eventually
 
 
 def test_both_programs_print_help() -> None:
@@ -113,6 +113,29 @@ async def test_publisher_serves_health_and_reflection(tmp_path: Path) -> None:
     finally:
         assert cluster.publisher is not None
         assert await cluster.publisher.stop() == 0
+
+
+async def test_delivery_workers_leave_when_their_publisher_is_killed(tmp_path: Path) -> None:
+    """SIGKILL gives the publisher no chance to stop its workers: they see their pipe close
+    and exit on their own, so a restart on the same database starts with no stragglers."""
+    args = ["--listen", "127.0.0.1:0", "--database-url", "sqlite:///publisher.db"]
+    publisher = Process("publisher", [*args, "--delivery-workers", "2"], cwd=str(tmp_path))
+    await publisher.logged("serving")
+    workers = children_of(publisher.pid)
+    assert len(workers) == 2
+    assert all(alive(pid) for pid in workers)
+
+    await publisher.kill()
+
+    async def gone() -> bool:
+        return not any(alive(pid) for pid in workers)
+
+    await eventually(gone, what="the workers of a killed publisher exit")
+    again = Process("publisher", args, cwd=str(tmp_path))
+    try:
+        await again.logged("serving")
+    finally:
+        assert await again.stop() == 0
 
 
 async def test_graceful_restart_with_pending_deliveries_loses_nothing(tmp_path: Path) -> None:

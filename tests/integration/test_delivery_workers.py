@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 from standardwebhooks.webhooks import Webhook
 
@@ -19,7 +18,14 @@ from tests.integration.test_http_delivery import (
 )
 from tests.integration.test_publisher_delivery import DELIVERED, delivery_in, register, schedule
 from tests.receiver import Answer, Receiver
-from tests.support import FakeSubscriber, OpenPublisher, claims_of, eventually, socket_owner
+from tests.support import (
+    FakeSubscriber,
+    OpenPublisher,
+    alive,
+    claims_of,
+    eventually,
+    socket_owner,
+)
 
 
 async def test_http_deliveries_leave_from_the_workers_signed_as_from_the_publisher(
@@ -118,12 +124,8 @@ async def test_workers_ignore_sigterm_and_exit_when_the_publisher_stops(
     assert running.app.delivery_workers == [worker]
 
     await running.app.stop()
-    assert not _exists(worker)
+    assert not alive(worker)
 
 
 async def _true(value: bool) -> bool:
     return value
-
-
-def _exists(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
