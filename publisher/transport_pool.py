@@ -65,11 +65,19 @@ class _Worker:
         self.alive = True
         self._listener = asyncio.create_task(self._listen())
 
-    def call(self, kind: int, protocol: str, attempt: tx.Attempt) -> asyncio.Future[Any]:
+    async def call(self, kind: int, protocol: str, attempt: tx.Attempt) -> Any:
         request_id = next(self._ids)
         answer = self._pending[request_id] = asyncio.get_running_loop().create_future()
         self._outbox.put((request_id, kind, protocol, wire.attempt_to_wire(attempt)))
-        return answer
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            # The dispatcher gave up on it as it stops: stopped in the worker too, as an
+            # in-process send would be, it cannot arrive after its lease was given back.
+            self._pending.pop(request_id, None)
+            if self.alive:
+                self._outbox.put((request_id, wire.CANCEL, "", ()))
+            raise
 
     async def _listen(self) -> None:
         try:
@@ -105,11 +113,19 @@ class _Worker:
         self._closing = True
         self._outbox.close()
         try:
-            await asyncio.wait_for(self.process.wait(), STOP_SECONDS)
+            returncode = await asyncio.wait_for(self.process.wait(), STOP_SECONDS)
         except TimeoutError:
             self.process.kill()
-            await self.process.wait()
+            returncode = await self.process.wait()
+            log.event(logger, "delivery_worker_killed", logging.WARNING, pid=self.process.pid)
         await self._listener
+        log.event(
+            logger,
+            "delivery_worker_stopped",
+            logging.DEBUG,
+            pid=self.process.pid,
+            returncode=returncode,
+        )
 
 
 async def _spawn(options: wire.Options) -> _Worker:

@@ -61,45 +61,66 @@ async def serve(read_fd: int, write_fd: int) -> None:
         return
     log.configure(options.log_level)
     running = transports(options)
-    replies = wire.Outbox(pipe)
-    tasks: set[asyncio.Task[None]] = set()
+    requests = _Requests(running, wire.Outbox(pipe))
     # What starting made lives as long as the process (see PublisherApp.run).
     gc.freeze()
     try:
         while True:
             try:
-                requests: list[wire.Request] = await wire.read_frame(reader)
+                batch: list[wire.Request] = await wire.read_frame(reader)
             except asyncio.IncompleteReadError:
                 break
-            for request in requests:
-                task = loop.create_task(_answer(running, request, replies))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+            for request in batch:
+                requests.take(request)
+        await requests.finish()
     finally:
         for transport in running.values():
             await transport.close()
-        replies.close()
+        requests.replies.close()
 
 
-async def _answer(
-    running: dict[str, tx.Transport], request: wire.Request, replies: wire.Outbox
-) -> None:
-    request_id, kind, protocol, fields = request
-    attempt = wire.attempt_from_wire(fields)
-    transport = running[protocol]
-    if kind == wire.STATUS:
-        replies.put((request_id, (await transport.status(attempt)).value))
-        return
-    try:
-        result = await transport.send(attempt)
-    except Exception as error:
-        # As in the dispatcher: a bug fails the attempt on the schedule instead of
-        # leaving it unanswered (and its delivery leased) until the worker exits.
-        logger.exception("attempt raised")
-        result = tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}"))
-    replies.put((request_id, wire.result_to_wire(result)))
+class _Requests:
+    """The requests being answered, by id, so that the publisher can cancel one."""
+
+    def __init__(self, running: dict[str, tx.Transport], replies: wire.Outbox) -> None:
+        self._running = running
+        self.replies = replies
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    def take(self, request: wire.Request) -> None:
+        request_id, kind = request[0], request[1]
+        if kind == wire.CANCEL:
+            task = self._tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+            return
+        self._tasks[request_id] = asyncio.get_running_loop().create_task(self._answer(request))
+
+    async def finish(self) -> None:
+        """Waits for every request taken to be answered (or cancelled)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    async def _answer(self, request: wire.Request) -> None:
+        request_id, kind, protocol, fields = request
+        try:
+            attempt = wire.attempt_from_wire(fields)
+            transport = self._running[protocol]
+            if kind == wire.STATUS:
+                self.replies.put((request_id, (await transport.status(attempt)).value))
+                return
+            try:
+                result = await transport.send(attempt)
+            except Exception as error:
+                # As in the dispatcher: a bug fails the attempt on the schedule instead of
+                # leaving it unanswered (and its delivery leased) until the worker exits.
+                logger.exception("attempt raised")
+                result = tx.Result(
+                    tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}")
+                )
+            self.replies.put((request_id, wire.result_to_wire(result)))
+        finally:
+            self._tasks.pop(request_id, None)
 
 
 def main() -> None:

@@ -22,8 +22,11 @@ from publisher import transport as tx
 
 SEND = 0
 STATUS = 1
+# The publisher gave up on a request (it is stopping): the worker stops it too.
+CANCEL = 2
 
-# A request: (request id, SEND or STATUS, protocol name, the attempt as a tuple).
+# A request: (request id, SEND, STATUS or CANCEL, protocol name, the attempt as a tuple;
+# for CANCEL, the id of the request to stop, an empty name and an empty tuple).
 Request = tuple[int, int, str, tuple[Any, ...]]
 # A reply: (request id, the result as a tuple for SEND, the receipt's value for STATUS).
 Reply = tuple[int, Any]

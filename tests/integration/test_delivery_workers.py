@@ -4,9 +4,11 @@ a lost or doubled delivery (on SQLite and PostgreSQL, via the ``database_url`` f
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.integration.test_http_delivery import (
@@ -129,3 +131,25 @@ async def test_workers_ignore_sigterm_and_exit_when_the_publisher_stops(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_send_open_when_the_publisher_stops_is_dropped_with_its_lease(
+    open_publisher: OpenPublisher, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the stop's grace the dispatcher gives the delivery back and cancels its send; the
+    worker cancels it too, as an in-process send would be, instead of holding it open to the
+    delivery timeout, and exits cleanly rather than being killed."""
+    running = await open_publisher(delivery_workers=1, delivery_timeout=600)
+    [worker] = running.app.delivery_workers
+    endpoint = receiver.script("/slow", Answer(hang=True))
+    await register(running.stub, endpoint, protocol=HTTP, retry_schedule=schedule(60))
+    stuck = await emit_payload(running.stub)
+    await eventually(
+        lambda: _true(receiver.got(stuck.event_id)), what="the POST reached the receiver"
+    )
+    caplog.set_level(logging.DEBUG, logger="publisher.transport_pool")
+
+    await running.app.stop()
+    events = {record.getMessage(): getattr(record, "fields", {}) for record in caplog.records}
+    assert "delivery_worker_killed" not in events
+    assert events["delivery_worker_stopped"] == {"pid": worker, "returncode": 0}
