@@ -16,6 +16,7 @@ from common import config, db, log
 from publisher import migrate
 from publisher import settings as publisher_settings
 from publisher.app import AlreadyRunning, PublisherApp
+from publisher.transport_pool import NotStarted
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.configure(settings.log_level)
     try:
         _runner()(PublisherApp(settings).run())
-    except (AlreadyRunning, migrate.SchemaMismatch) as error:
+    except (AlreadyRunning, migrate.SchemaMismatch, NotStarted) as error:
         sys.exit(f"webhook-publisher: {error}")
 
 

@@ -103,7 +103,12 @@ class PublisherApp:
                     log_level=settings.log_level,
                 ),
             )
-            await self._pool.start()
+            try:
+                await self._pool.start()
+            except BaseException:
+                self._pool = None
+                await self.stop()
+                raise
             self._transports = self._pool.transports()
         else:
             self._transports = {

@@ -35,6 +35,8 @@ logger = logging.getLogger("publisher.transport_pool")
 # How long a stopping worker may take to answer what it has in flight; sends
 # have their own timeout inside it, so this is only for a worker gone wrong.
 STOP_SECONDS = 30.0
+# How long a new worker may take to import and build its transports.
+START_SECONDS = 30.0
 # At most one new worker per slot per this many seconds: a worker that dies as
 # it starts must not be started again for every attempt.
 RESTART_SECONDS = 1.0
@@ -45,6 +47,10 @@ _LOST = object()
 
 class Unavailable(Exception):
     """No worker could take a request: it was not sent."""
+
+
+class NotStarted(RuntimeError):
+    """A worker exited (or hung) before it was ready."""
 
 
 class _Worker:
@@ -158,6 +164,19 @@ async def _spawn(options: wire.Options) -> _Worker:
         asyncio.Protocol, os.fdopen(publisher_writes, "wb", buffering=0)
     )
     pipe.write(wire.frame(options))
+    try:
+        ready = await asyncio.wait_for(wire.read_frame(reader), START_SECONDS)
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        ready = None
+    if ready != wire.READY:
+        pipe.close()
+        if process.returncode is None:
+            process.kill()
+        returncode = await process.wait()
+        raise NotStarted(
+            f"a delivery worker exited before it was ready (exit status {returncode}); "
+            "what it printed is above"
+        )
     log.event(logger, "delivery_worker_started", logging.DEBUG, pid=process.pid)
     return _Worker(process, reader, wire.Outbox(pipe))
 
@@ -174,8 +193,16 @@ class TransportPool:
         self._restarting: list[asyncio.Lock] = []
 
     async def start(self) -> None:
+        """Starts the workers side by side; NotStarted (and none left running) if one fails."""
         self._restarting = [asyncio.Lock() for _ in range(self._size)]
-        self._workers = [await _spawn(self._options) for _ in range(self._size)]
+        spawned = await asyncio.gather(
+            *(_spawn(self._options) for _ in range(self._size)), return_exceptions=True
+        )
+        self._workers = [worker for worker in spawned if isinstance(worker, _Worker)]
+        failures = [error for error in spawned if isinstance(error, BaseException)]
+        if failures:
+            await self.close()
+            raise failures[0]
 
     def transports(self) -> dict[model.Protocol, tx.Transport]:
         return {protocol: RemoteTransport(self, protocol.value) for protocol in model.Protocol}
@@ -204,7 +231,7 @@ class TransportPool:
             self._restarted_at[index] = time.monotonic()
             try:
                 worker = self._workers[index] = await _spawn(self._options)
-            except OSError as error:
+            except (OSError, NotStarted) as error:
                 raise Unavailable(f"could not start a delivery worker: {error}") from None
             return worker
 

@@ -61,6 +61,7 @@ async def serve(read_fd: int, write_fd: int) -> None:
         return
     log.configure(options.log_level)
     running = transports(options)
+    pipe.write(wire.frame(wire.READY))
     requests = _Requests(running, wire.Outbox(pipe))
     # What starting made lives as long as the process (see PublisherApp.run).
     gc.freeze()

@@ -5,8 +5,9 @@ here because both ends are this program's own processes on a private pipe.
 Attempts and results travel as plain tuples: pickling the dataclasses
 themselves cost several times as much per delivery.
 
-The first frame to a worker is its ``Options``; after it, the publisher sends
-lists of ``Request`` and the worker answers with lists of ``Reply``.
+The first frame to a worker is its ``Options``, and its first frame back is
+``READY``; after them, the publisher sends lists of ``Request`` and the worker
+answers with lists of ``Reply``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from publisher import transport as tx
+
+# A worker's first message, once its transports are built.
+READY = "ready"
 
 SEND = 0
 STATUS = 1

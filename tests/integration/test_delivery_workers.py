@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from publisher.transport_pool import NotStarted
 from tests.integration.test_http_delivery import (
     HTTP,
     OUTCOME_CONFIRMED,
@@ -153,3 +155,18 @@ async def test_a_send_open_when_the_publisher_stops_is_dropped_with_its_lease(
     events = {record.getMessage(): getattr(record, "fields", {}) for record in caplog.records}
     assert "delivery_worker_killed" not in events
     assert events["delivery_worker_stopped"] == {"pid": worker, "returncode": 0}
+
+
+async def test_a_publisher_whose_workers_cannot_start_refuses_to_start_and_holds_nothing(
+    open_publisher: OpenPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing at start, where an operator sees it, rather than failing every attempt later;
+    and the database is free for the next start (its SQLite lock released)."""
+    with monkeypatch.context() as patched:
+        # A "Python" that exits at once with status 1, as a broken install would.
+        patched.setattr(sys, "executable", "/bin/false")
+        with pytest.raises(NotStarted, match=r"exited before it was ready \(exit status 1\)"):
+            await open_publisher(delivery_workers=2)
+
+    running = await open_publisher(delivery_workers=1)
+    assert len(running.app.delivery_workers) == 1
