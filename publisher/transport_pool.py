@@ -155,14 +155,7 @@ async def _spawn(options: wire.Options) -> _Worker:
         # The worker's ends are the worker's now; holding them would hide its exit.
         os.close(worker_reads)
         os.close(worker_writes)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(publisher_reads, "rb", buffering=0)
-    )
-    pipe, _ = await loop.connect_write_pipe(
-        asyncio.Protocol, os.fdopen(publisher_writes, "wb", buffering=0)
-    )
+    reader, pipe = await wire.connect(publisher_reads, publisher_writes)
     pipe.write(wire.frame(options))
     try:
         ready = await asyncio.wait_for(wire.read_frame(reader), START_SECONDS)

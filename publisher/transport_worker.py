@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import sys
 import time
@@ -47,14 +46,7 @@ def transports(options: wire.Options) -> dict[str, tx.Transport]:
 
 
 async def serve(read_fd: int, write_fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
-    pipe, _ = await loop.connect_write_pipe(
-        asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0)
-    )
+    reader, pipe = await wire.connect(read_fd, write_fd)
     try:
         options = await wire.read_frame(reader)
     except asyncio.IncompleteReadError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -78,6 +79,21 @@ def result_from_wire(fields: tuple[Any, ...]) -> tx.Result:
 
 def receipt_from_wire(value: str) -> tx.Receipt:
     return _RECEIPTS[value]
+
+
+async def connect(
+    read_fd: int, write_fd: int
+) -> tuple[asyncio.StreamReader, asyncio.WriteTransport]:
+    """The event loop's ends of a pipe pair: frames are read from one and written to the other."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    pipe, _ = await loop.connect_write_pipe(
+        asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0)
+    )
+    return reader, pipe
 
 
 def frame(message: object) -> bytes:

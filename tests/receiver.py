@@ -90,21 +90,29 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
+async def on_loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serves ``app`` on 127.0.0.1 on a port of its own; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _, port = runner.addresses[0][:2]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def running_receiver() -> AsyncIterator[Receiver]:
     """A Receiver on a port of its own, with a status URL at ``/status/{event_id}``."""
     server = Receiver()
     app = web.Application()
     app.router.add_get("/status/{event_id}", server.status)
     app.router.add_post("/{path:.*}", server.post)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, port = runner.addresses[0][:2]
-    server.base = f"http://127.0.0.1:{port}"
-    try:
-        yield server
-    finally:
-        # Held answers end here, so that the server can stop.
-        server.release.set()
-        await runner.cleanup()
+    async with on_loopback(app) as server.base:
+        try:
+            yield server
+        finally:
+            # Held answers end here, so that the server can stop.
+            server.release.set()

@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from common import signing
 from publisher import http_transport, ssrf
 from publisher import transport as tx
+from tests.receiver import on_loopback
 
 SECRET = signing.generate_secret()
 OLD_SECRET = signing.generate_secret()
@@ -128,15 +129,9 @@ async def subscriber() -> AsyncIterator[Subscriber]:
     app.router.add_post("/stream", receiver.stream)
     app.router.add_post("/hang-up", receiver.hang_up)
     app.router.add_post("/truncate", receiver.truncate)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, port = runner.addresses[0][:2]
-    receiver.base = f"http://127.0.0.1:{port}"
-    yield receiver
-    receiver.release.set()
-    await runner.cleanup()
+    async with on_loopback(app) as receiver.base:
+        yield receiver
+        receiver.release.set()
 
 
 @pytest.fixture
