@@ -96,24 +96,29 @@ class _Requests:
 
     async def _answer(self, request: wire.Request) -> None:
         request_id, kind, protocol, fields = request
+        reply: object
         try:
-            attempt = wire.attempt_from_wire(fields)
             transport = self._running[protocol]
+            attempt = wire.attempt_from_wire(fields)
             if kind == wire.STATUS:
-                self.replies.put((request_id, (await transport.status(attempt)).value))
-                return
-            try:
-                result = await transport.send(attempt)
-            except Exception as error:
-                # As in the dispatcher: a bug fails the attempt on the schedule instead of
-                # leaving it unanswered (and its delivery leased) until the worker exits.
-                logger.exception("attempt raised")
-                result = tx.Result(
+                reply = (await transport.status(attempt)).value
+            else:
+                reply = wire.result_to_wire(await transport.send(attempt))
+        except Exception as error:
+            # As in the dispatcher: a bug fails the attempt on the schedule (or leaves the
+            # question unanswered) instead of holding its delivery, and its send slot,
+            # until the worker exits.
+            logger.exception("request raised")
+            if kind == wire.STATUS:
+                reply = tx.Receipt.UNANSWERED.value
+            else:
+                failed = tx.Result(
                     tx.Outcome.FAILED, error=tx.excerpt(f"internal error: {error!r}")
                 )
-            self.replies.put((request_id, wire.result_to_wire(result)))
+                reply = wire.result_to_wire(failed)
         finally:
             self._tasks.pop(request_id, None)
+        self.replies.put((request_id, reply))
 
 
 def main() -> None:

@@ -4,15 +4,19 @@ a lost or doubled delivery (on SQLite and PostgreSQL, via the ``database_url`` f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
+import time
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from publisher.transport_pool import NotStarted
+from publisher import transport as tx
+from publisher import worker_wire as wire
+from publisher.transport_pool import NotStarted, RemoteTransport, TransportPool
 from tests.integration.test_http_delivery import (
     HTTP,
     OUTCOME_CONFIRMED,
@@ -23,6 +27,7 @@ from tests.integration.test_http_delivery import (
 from tests.integration.test_publisher_delivery import DELIVERED, delivery_in, register, schedule
 from tests.receiver import Answer, Receiver
 from tests.support import (
+    DEFAULT_DEADLINE,
     FakeSubscriber,
     OpenPublisher,
     alive,
@@ -170,3 +175,36 @@ async def test_a_publisher_whose_workers_cannot_start_refuses_to_start_and_holds
 
     running = await open_publisher(delivery_workers=1)
     assert len(running.app.delivery_workers) == 1
+
+
+async def test_a_request_a_worker_cannot_make_is_answered_not_left_hanging() -> None:
+    """A request that raises in the worker (here: a protocol it has no transport for) comes
+    back failed, or unanswered for a status question, instead of holding its send slot."""
+    pool = TransportPool(1, wire.Options((), 5.0, 8, "INFO"))
+    await pool.start()
+    attempt = tx.Attempt(
+        delivery_id="d1",
+        attempt=1,
+        event_id="e1",
+        event_type="order.paid",
+        payload=b"{}",
+        content_type="application/json",
+        created_at=time.time(),
+        subscriber_id="s1",
+        endpoint="127.0.0.1:9",
+        body_format="raw",
+        keys=(b"k" * 32,),
+        issuer="grpc-webhooks",
+        timeout=5.0,
+    )
+    pigeon = RemoteTransport(pool, "carrier-pigeon")
+    try:
+        # A deadline, so that a request left unanswered fails the test instead of hanging it.
+        async with asyncio.timeout(DEFAULT_DEADLINE):
+            sent = await pigeon.send(attempt)
+            asked = await pigeon.status(attempt)
+    finally:
+        await pool.close()
+    assert sent.outcome == tx.Outcome.FAILED
+    assert sent.error == "internal error: KeyError('carrier-pigeon')"
+    assert asked == tx.Receipt.UNANSWERED
