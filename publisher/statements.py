@@ -9,6 +9,7 @@ statements are ``Prepared``: on SQLite they skip SQLAlchemy's execution layer.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Generator, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,10 @@ from sqlalchemy.engine import Connection
 
 from publisher import model
 from publisher.schema import attempts, deliveries, events, subscribers
+
+# Rows per INSERT statement on SQLite: few statements, and far below its limit of 32,766
+# bound values (a delivery row has 14 columns).
+ROWS_PER_INSERT = 100
 
 
 class Prepared:
@@ -38,6 +43,10 @@ class Prepared:
         # Compiled for SQLite on first use, per set of keys given (an insert's columns):
         # the SQL, its parameters' names in order, and the values fixed in the statement.
         self._sqlite: dict[tuple[str, ...], tuple[str, list[str], dict[str, Any]]] = {}
+        # A plain INSERT ... VALUES runs as one statement per ROWS_PER_INSERT rows (see
+        # execute); its SQL for a number of rows, by (keys, rows).
+        self._values = isinstance(statement, sa.Insert) and statement.select is None
+        self._multi: dict[tuple[tuple[str, ...], int], str] = {}
 
     def _compiled(
         self, conn: Connection, keys: tuple[str, ...]
@@ -61,7 +70,8 @@ class Prepared:
         if conn.dialect.name != "sqlite":
             conn.execute(self.statement, list(rows))
             return
-        sql, order, fixed = self._compiled(conn, tuple(rows[0]))
+        keys = tuple(rows[0])
+        sql, order, fixed = self._compiled(conn, keys)
         # Values in the driver's order; itemgetter builds each tuple in C.
         in_order = operator.itemgetter(*order)
         if len(order) == 1:
@@ -70,7 +80,26 @@ class Prepared:
             values = [in_order(fixed | row) for row in rows]
         else:
             values = [in_order(row) for row in rows]
-        conn.connection.dbapi_connection.cursor().executemany(sql, values)  # type: ignore[union-attr]
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        if not self._values or len(rows) == 1:
+            cursor.executemany(sql, values)
+            return
+        # sqlite3 lets go of the interpreter lock for every row it steps, and each time
+        # it must win it back from a busy event loop; many rows in one statement step
+        # once (see ROWS_PER_INSERT).
+        for start in range(0, len(values), ROWS_PER_INSERT):
+            chunk = values[start : start + ROWS_PER_INSERT]
+            cursor.execute(
+                self._many_rows(sql, keys, len(chunk)), list(itertools.chain.from_iterable(chunk))
+            )
+
+    def _many_rows(self, sql: str, keys: tuple[str, ...], count: int) -> str:
+        """``sql``, an INSERT of one row of values, made to insert ``count`` rows."""
+        found = self._multi.get((keys, count))
+        if found is None:
+            head, _, row = sql.rpartition(" VALUES ")
+            found = self._multi[(keys, count)] = f"{head} VALUES {', '.join([row] * count)}"
+        return found
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> Generator[Sequence[Any]]:
         """The rows of one run of a query, as tuples in the order of its columns.
