@@ -157,15 +157,24 @@ async def _spawn(options: wire.Options) -> _Worker:
         os.close(worker_writes)
     reader, pipe = await wire.connect(publisher_reads, publisher_writes)
     pipe.write(wire.frame(options))
+    ready: object = None
+    exiting = False
     try:
         ready = await asyncio.wait_for(wire.read_frame(reader), START_SECONDS)
-    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-        ready = None
+    except (asyncio.IncompleteReadError, ConnectionError):
+        # It closed its end of the pipe: it is exiting, or has.
+        exiting = True
+    except TimeoutError:
+        pass
     if ready != wire.READY:
         pipe.close()
-        if process.returncode is None:
+        if not exiting:
+            # Not when it is exiting: kill() polls the process first, and reaping it there
+            # leaves asyncio's watcher to report 255 instead of its exit status.
             process.kill()
         returncode = await process.wait()
+        if not exiting:
+            raise NotStarted(f"a delivery worker was not ready within {START_SECONDS:g}s")
         raise NotStarted(
             f"a delivery worker exited before it was ready (exit status {returncode}); "
             "what it printed is above"
