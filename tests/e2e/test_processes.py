@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -181,10 +182,13 @@ async def test_graceful_restart_with_pending_deliveries_loses_nothing(tmp_path: 
     assert set(cluster.inbox().values()) == {1}
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 async def test_sigkill_soak_delivers_every_event_exactly_once_as_an_effect(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
-    """The short kill soak: 300 events, the publisher SIGKILLed twice mid-stream."""
+    """The short kill soak: 300 events, the publisher SIGKILLed twice mid-stream, sending
+    from its own process and from two delivery workers (which a kill leaves to exit alone)."""
+    monkeypatch.setenv("WEBHOOKS_DELIVERY_WORKERS", str(workers))
     report = await soak(
         events=300, rate=100, kill_every=0, kill_at=(100, 200), seed=7, workdir=tmp_path
     )
