@@ -219,7 +219,14 @@ class TransportPool:
         self._next = (index + 1) % self._size
         worker = self._workers[index]
         if not worker.alive:
-            worker = await self._restart(index)
+            try:
+                worker = await self._restart(index)
+            except Unavailable:
+                # Another worker can take it while this one may not be started again yet.
+                live = [other for other in self._workers if other.alive]
+                if not live:
+                    raise
+                worker = live[0]
         return await worker.call(kind, protocol, attempt)
 
     async def _restart(self, index: int) -> _Worker:

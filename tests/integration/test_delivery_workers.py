@@ -182,21 +182,7 @@ async def test_a_request_a_worker_cannot_make_is_answered_not_left_hanging() -> 
     back failed, or unanswered for a status question, instead of holding its send slot."""
     pool = TransportPool(1, wire.Options((), 5.0, 8, "INFO"))
     await pool.start()
-    attempt = tx.Attempt(
-        delivery_id="d1",
-        attempt=1,
-        event_id="e1",
-        event_type="order.paid",
-        payload=b"{}",
-        content_type="application/json",
-        created_at=time.time(),
-        subscriber_id="s1",
-        endpoint="127.0.0.1:9",
-        body_format="raw",
-        keys=(b"k" * 32,),
-        issuer="grpc-webhooks",
-        timeout=5.0,
-    )
+    attempt = _attempt("127.0.0.1:9")
     pigeon = RemoteTransport(pool, "carrier-pigeon")
     try:
         # A deadline, so that a request left unanswered fails the test instead of hanging it.
@@ -208,3 +194,48 @@ async def test_a_request_a_worker_cannot_make_is_answered_not_left_hanging() -> 
     assert sent.outcome == tx.Outcome.FAILED
     assert sent.error == "internal error: KeyError('carrier-pigeon')"
     assert asked == tx.Receipt.UNANSWERED
+
+
+async def test_a_worker_that_cannot_be_started_again_leaves_its_turns_to_the_others(
+    subscriber: FakeSubscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two workers, one killed and its restart failing, sends go to the other instead
+    of failing as not sent."""
+    pool = TransportPool(2, wire.Options((), 5.0, 8, "INFO"))
+    await pool.start()
+    grpc_ = RemoteTransport(pool, "grpc")
+    attempt = _attempt(f"127.0.0.1:{subscriber.port}")
+    subscriber.lose_next = 1
+    try:
+        async with asyncio.timeout(DEFAULT_DEADLINE):
+            # The first send goes to the first worker, which dies holding it.
+            held = asyncio.create_task(grpc_.send(attempt))
+            await eventually(lambda: _true(bool(subscriber.received)), what="the first send")
+            os.kill(pool.pids[0], signal.SIGKILL)
+            lost = await held
+            # No worker can start from now on.
+            monkeypatch.setattr(sys, "executable", "/bin/false")
+            sent = [await grpc_.send(attempt) for _ in range(4)]
+    finally:
+        await pool.close()
+    assert lost.outcome == tx.Outcome.UNCERTAIN
+    assert [result.outcome for result in sent] == [tx.Outcome.DELIVERED] * 4
+    assert len(subscriber.received) == 5
+
+
+def _attempt(endpoint: str) -> tx.Attempt:
+    return tx.Attempt(
+        delivery_id="d1",
+        attempt=1,
+        event_id="e1",
+        event_type="order.paid",
+        payload=b"{}",
+        content_type="application/json",
+        created_at=time.time(),
+        subscriber_id="s1",
+        endpoint=endpoint,
+        body_format="raw",
+        keys=(b"k" * 32,),
+        issuer="grpc-webhooks",
+        timeout=5.0,
+    )
