@@ -7,18 +7,15 @@ import logging
 import os
 import secrets
 import socket
-import time
 
 import grpc.aio
 from sqlalchemy.engine import make_url
 
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import mailer, migrate, model, ssrf
+from publisher import mailer, migrate, model, ssrf, transport_worker
 from publisher import worker_wire as wire
 from publisher.dispatcher import Dispatcher
-from publisher.grpc_transport import GrpcTransport
-from publisher.http_transport import HttpTransport
 from publisher.notifier import Notifier
 from publisher.periodic import Periodic
 from publisher.retention import Retention
@@ -90,19 +87,16 @@ class PublisherApp:
             if reclaimed:
                 log.event(logger, "stale_leases_reclaimed", count=reclaimed)
         guard = ssrf.Guard(settings.allow_cidrs)
-        # Every delivery in flight may hold a connection; fewer would queue sends
-        # behind the pool while the dispatcher counts them as in flight.
-        pool_limit = settings.max_in_flight
+        options = wire.Options(
+            allow_cidrs=settings.allow_cidrs,
+            connect_timeout=settings.connect_timeout,
+            # Every delivery in flight may hold a connection; fewer would queue sends
+            # behind the pool while the dispatcher counts them as in flight.
+            pool_limit=settings.max_in_flight,
+            log_level=settings.log_level,
+        )
         if settings.delivery_workers:
-            self._pool = TransportPool(
-                settings.delivery_workers,
-                wire.Options(
-                    allow_cidrs=settings.allow_cidrs,
-                    connect_timeout=settings.connect_timeout,
-                    pool_limit=pool_limit,
-                    log_level=settings.log_level,
-                ),
-            )
+            self._pool = TransportPool(settings.delivery_workers, options)
             try:
                 await self._pool.start()
             except BaseException:
@@ -111,12 +105,7 @@ class PublisherApp:
                 raise
             self._transports = self._pool.transports()
         else:
-            self._transports = {
-                model.Protocol.GRPC: GrpcTransport(now=time.time),
-                model.Protocol.HTTP: HttpTransport(
-                    guard=guard, connect_timeout=settings.connect_timeout, pool_limit=pool_limit
-                ),
-            }
+            self._transports = transport_worker.transports(options)
         dispatcher = self._dispatcher = Dispatcher(
             store,
             self._transports,

@@ -33,11 +33,11 @@ from publisher.http_transport import HttpTransport
 logger = logging.getLogger("publisher.transport_worker")
 
 
-def transports(options: wire.Options) -> dict[str, tx.Transport]:
-    """The transports a worker runs, keyed by protocol name as requests name them."""
+def transports(options: wire.Options) -> dict[model.Protocol, tx.Transport]:
+    """The transports that make attempts: a worker's, or the publisher's own without workers."""
     return {
-        model.Protocol.GRPC.value: GrpcTransport(now=time.time),
-        model.Protocol.HTTP.value: HttpTransport(
+        model.Protocol.GRPC: GrpcTransport(now=time.time),
+        model.Protocol.HTTP: HttpTransport(
             guard=ssrf.Guard(options.allow_cidrs),
             connect_timeout=options.connect_timeout,
             pool_limit=options.pool_limit,
@@ -52,7 +52,8 @@ async def serve(read_fd: int, write_fd: int) -> None:
     except asyncio.IncompleteReadError:
         return
     log.configure(options.log_level)
-    running = transports(options)
+    # By protocol name, as requests name them.
+    running = {protocol.value: transport for protocol, transport in transports(options).items()}
     pipe.write(wire.frame(wire.READY))
     requests = _Requests(running, wire.Outbox(pipe))
     # What starting made lives as long as the process (see PublisherApp.run).
