@@ -600,6 +600,10 @@ class Store:
         doomed = expired_events(before, limit)
 
         def work(conn: Connection) -> int:
+            if self._postgres and not conn.scalar(_TAKE_PRUNE_TURN):
+                # Another replica is pruning. Both would pick the same oldest events and the
+                # second would wait on the first's locks only to find them gone.
+                return 0
             ids = list(conn.scalars(doomed))
             if not ids:
                 return 0
@@ -617,8 +621,9 @@ class Store:
             of_doomed = sa.select(deliveries.c.id).where(deliveries.c.event_id.in_(ids))
             conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(of_doomed)))
             conn.execute(deliveries.delete().where(deliveries.c.event_id.in_(ids)))
-            conn.execute(events.delete().where(events.c.id.in_(ids)))
-            return len(ids)
+            # What this transaction deleted, not what it meant to: rows something else
+            # deleted since the query above are not this prune's.
+            return int(conn.execute(events.delete().where(events.c.id.in_(ids))).rowcount)
 
         # Losing a prune in a power cut only means the next round does it again.
         return await self._run(work, durable=False)
@@ -917,6 +922,12 @@ def _lease_due(
 
 # The states a delivery ends in; an event whose deliveries are all in them is owed nothing.
 _SETTLED = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
+
+# PostgreSQL: one replica prunes at a time. The lock is the transaction's, so a replica
+# that dies mid-prune leaves nothing held. The key is "whprune" in ASCII, a number no other
+# lock of this database uses.
+PRUNE_LOCK_KEY = 0x7768_7072_756E_6500
+_TAKE_PRUNE_TURN = sa.select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK_KEY))
 
 
 def expired_events(before: float, limit: int) -> sa.Select[tuple[str]]:

@@ -15,7 +15,7 @@ from common import db, errors, signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import migrate, model, retention
 from publisher import store as store_module
-from publisher.schema import attempts, deliveries
+from publisher.schema import attempts, deliveries, events
 from publisher.store import Store
 from tests.conftest import StartPublisher
 from tests.support import attempt_record, eventually, store_subscriber_spec
@@ -211,3 +211,55 @@ async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock
     assert await pruning == 0
     assert (await store.get_event(event.event_id)).id == event.event_id
     assert await count(store, deliveries) == 1
+
+
+async def expired_and_settled(store: Store, clock: Clock, how_many: int) -> None:
+    """``how_many`` delivered events, expired by the time the test prunes (before T0 + 50)."""
+    await subscriber(store, "a")
+    for _ in range(how_many):
+        await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    clock.now = T0 + 100
+
+
+async def test_a_replica_leaves_pruning_to_the_one_already_at_it(
+    store: Store, clock: Clock
+) -> None:
+    """PostgreSQL: while another replica holds the prune's turn, a prune takes nothing and
+    waits for nothing; once the turn is free, it prunes."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("an SQLite file has one publisher: there is no other replica")
+    await expired_and_settled(store, clock, 3)
+    async with store.engine.connect() as other:
+        taken = sa.select(sa.func.pg_try_advisory_xact_lock(store_module.PRUNE_LOCK_KEY))
+        assert await other.scalar(taken)  # Held until its transaction ends.
+
+        assert await asyncio.wait_for(store.prune(before=T0 + 50, limit=10), 10) == 0
+        assert await count(store, deliveries) == 3
+
+        await other.rollback()
+    assert await store.prune(before=T0 + 50, limit=10) == 3
+    assert await count(store, deliveries) == 0
+
+
+async def test_a_prune_counts_only_the_events_it_deleted(store: Store, clock: Clock) -> None:
+    """PostgreSQL: something else deletes the expired events between the prune's query and
+    its deletes. The prune waits for it on the deliveries' locks and reports none gone."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    await expired_and_settled(store, clock, 2)
+    async with store.engine.connect() as other:
+        for table in (attempts, deliveries, events):
+            await other.execute(table.delete())  # Not committed yet: its row locks are held.
+        pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
+
+        async def prune_waits() -> bool:
+            async with store.engine.connect() as conn:
+                waiting = await conn.scalar(
+                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                )
+            return bool(waiting)
+
+        await eventually(prune_waits, what="the prune waiting on the deliveries' locks")
+        await other.commit()
+    assert await pruning == 0
