@@ -11,5 +11,7 @@ and let Alembic draft the difference, then read and edit the draft::
     command.revision(config, message="add widgets", autogenerate=True, rev_id="0002")
 
 Run ``ruff format`` and ``ruff check --fix`` on the draft. Revision ids are four-digit
-sequence numbers; the history stays linear.
+sequence numbers; the history stays linear. An index on a table that already exists is
+created and dropped through ``publisher.migrations.indexes``, so that on PostgreSQL the
+migration does not stop the writes of publishers still running.
 """

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from common import db
 from publisher import migrate, schema
+from tests.support import eventually
 
 POSTGRES_URL = os.environ.get(
     "WEBHOOKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -364,3 +365,101 @@ async def test_upgrade_leaves_the_running_event_loop_free(sqlite_url: str) -> No
         await upgrading
 
     assert await migrate.current(sqlite_url) == migrate.head()
+
+
+# The migrations that build an index, the revision before each, and a row its table takes
+# while it runs: the write of a publisher of the previous version, still running (the rows
+# of _insert_0001_rows are there).
+_WRITES_DURING_INDEXING = {
+    "0004": (
+        "0003",
+        "INSERT INTO deliveries (id, event_id, subscriber_id, state, attempts, round_attempts,"
+        " next_attempt_at, created_at, updated_at, last_error)"
+        " VALUES ('dlv_{n}', 'evt_1', 'sub_1', 'pending', 0, 0, 1, 1, 1, '')",
+    ),
+    "0005": (
+        "0004",
+        "INSERT INTO events (id, type, payload, content_type, created_at)"
+        " VALUES ('evt_{n}', 't', '\\x7b7d', 'application/json', 1)",
+    ),
+}
+
+
+@pytest.mark.parametrize("revision", sorted(_WRITES_DURING_INDEXING))
+async def test_building_an_index_leaves_its_table_writable(
+    postgres_database_url: str, revision: str
+) -> None:
+    """PostgreSQL: while a migration builds an index, a write to its table goes through.
+
+    A transaction that wrote to the table is open as the migration starts, so the build
+    waits for it. A plain CREATE INDEX waiting for its lock queues every later write
+    behind it (here: the second write runs into its lock_timeout); CONCURRENTLY does not.
+    """
+    url = postgres_database_url
+    admin_url = make_url(url).set(drivername="postgresql").render_as_string(False)
+    before, write = _WRITES_DURING_INDEXING[revision]
+    await migrate.upgrade(url, "0001")
+    await _run_sync(url, _insert_0001_rows)
+    await migrate.upgrade(url, before)
+    first = await asyncpg.connect(admin_url)
+    second = await asyncpg.connect(admin_url)
+    try:
+        open_writer = first.transaction()
+        await open_writer.start()
+        await first.execute(write.format(n=2))
+        upgrading = asyncio.create_task(migrate.upgrade(url, revision))
+
+        async def migration_waits() -> bool:
+            waiting = await second.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            return bool(waiting) or upgrading.done()
+
+        await eventually(migration_waits, what="the migration waiting for the open writer")
+        assert not upgrading.done(), upgrading
+        await second.execute("SET lock_timeout = '10s'")
+        await second.execute(write.format(n=3))
+
+        await open_writer.commit()
+        await asyncio.wait_for(upgrading, 60)
+    finally:
+        await first.close()
+        await second.close()
+    assert await migrate.current(url) == revision
+    invalid = await _run_sync(
+        url,
+        lambda connection: connection.execute(
+            sa.text("SELECT count(*) FROM pg_index WHERE NOT indisvalid")
+        ).scalar_one(),
+    )
+    assert invalid == 0
+
+
+async def test_an_index_build_that_broke_off_is_built_again(postgres_database_url: str) -> None:
+    """PostgreSQL: a concurrent build that fails leaves an invalid index of its name behind.
+    Running the migration again replaces it with a valid one (here the broken one is a
+    unique index that duplicates made fail)."""
+    url = postgres_database_url
+    await migrate.upgrade(url, "0001")
+    await _run_sync(url, _insert_0001_rows)
+    await migrate.upgrade(url, "0004")
+    admin_url = make_url(url).set(drivername="postgresql").render_as_string(False)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(_WRITES_DURING_INDEXING["0005"][1].format(n=2))  # Type 't' twice.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY ix_events_created ON events (type)"
+            )
+        assert await conn.fetchval(
+            "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = 'ix_events_created'::regclass"
+        )
+
+        await migrate.upgrade(url, "0005")
+
+        valid, definition = await conn.fetchrow(
+            "SELECT indisvalid, pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indexrelid = 'ix_events_created'::regclass"
+        )
+    finally:
+        await conn.close()
+    assert valid
+    assert definition.endswith("USING btree (created_at)")

@@ -9,7 +9,7 @@ Revises: 0003
 
 from __future__ import annotations
 
-from alembic import op
+from publisher.migrations import indexes
 
 revision = "0004"
 down_revision = "0003"
@@ -18,14 +18,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index(
+    indexes.create(
         "ix_deliveries_subscriber_due",
         "deliveries",
         ["subscriber_id", "state", "next_attempt_at", "id"],
     )
-    op.drop_index("ix_deliveries_subscriber_state", table_name="deliveries")
+    indexes.drop("ix_deliveries_subscriber_state", "deliveries")
 
 
 def downgrade() -> None:
-    op.create_index("ix_deliveries_subscriber_state", "deliveries", ["subscriber_id", "state"])
-    op.drop_index("ix_deliveries_subscriber_due", table_name="deliveries")
+    indexes.create("ix_deliveries_subscriber_state", "deliveries", ["subscriber_id", "state"])
+    indexes.drop("ix_deliveries_subscriber_due", "deliveries")

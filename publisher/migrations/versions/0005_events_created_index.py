@@ -6,7 +6,7 @@ Revises: 0004
 
 from __future__ import annotations
 
-from alembic import op
+from publisher.migrations import indexes
 
 revision = "0005"
 down_revision = "0004"
@@ -15,8 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_events_created", "events", ["created_at"])
+    indexes.create("ix_events_created", "events", ["created_at"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_events_created", table_name="events")
+    indexes.drop("ix_events_created", "events")
