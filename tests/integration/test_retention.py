@@ -69,6 +69,13 @@ async def settle(store: Store, clock: Clock, state: model.DeliveryState) -> None
         await store.record([record])
 
 
+async def lock_awaited(store: Store) -> bool:
+    """PostgreSQL: whether some transaction is waiting for a lock."""
+    async with store.engine.connect() as conn:
+        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+    return bool(waiting)
+
+
 async def count(store: Store, table: sa.Table) -> int:
     async with store.engine.connect() as conn:
         return int(await conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
@@ -198,15 +205,7 @@ async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock
             .values(state=model.DeliveryState.PENDING.value)
         )  # Not committed yet: its row lock is held.
         pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
-
-        async def prune_waits() -> bool:
-            async with store.engine.connect() as conn:
-                waiting = await conn.scalar(
-                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                )
-            return bool(waiting)
-
-        await eventually(prune_waits, what="the prune waiting on the delivery's lock")
+        await eventually(lambda: lock_awaited(store), what="the prune waiting on the lock")
         await redeliver.commit()
     assert await pruning == 0
     assert (await store.get_event(event.event_id)).id == event.event_id
@@ -252,14 +251,6 @@ async def test_a_prune_counts_only_the_events_it_deleted(store: Store, clock: Cl
         for table in (attempts, deliveries, events):
             await other.execute(table.delete())  # Not committed yet: its row locks are held.
         pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
-
-        async def prune_waits() -> bool:
-            async with store.engine.connect() as conn:
-                waiting = await conn.scalar(
-                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                )
-            return bool(waiting)
-
-        await eventually(prune_waits, what="the prune waiting on the deliveries' locks")
+        await eventually(lambda: lock_awaited(store), what="the prune waiting on the locks")
         await other.commit()
     assert await pruning == 0
