@@ -44,9 +44,9 @@ logger = logging.getLogger("publisher.dispatcher")
 # Even with nothing due, look again this often: another replica may have left
 # work behind, or a clock may have jumped.
 IDLE_POLL_SECONDS = 1.0
-# A lease outlives the attempt's deadline by this much (or by twice the deadline,
-# if that is shorter) before other replicas may take the delivery: time
-# to ask for the status and record the outcome.
+# A lease outlives the longest an attempt may take (see attempt_budget) by this much (or
+# by twice the deadline, if that is shorter) before the delivery may be claimed again:
+# time to record the outcome.
 LEASE_MARGIN_SECONDS = 10.0
 # Deliveries in doubt asked about per reconciliation sweep.
 RECONCILE_BATCH = 100
@@ -92,8 +92,18 @@ class Dispatcher:
         return self._owner
 
     @property
+    def attempt_budget(self) -> float:
+        """The longest one attempt may take: a resend asks first, sends, and may ask again.
+
+        Each step has its own deadline; this bounds their sum too (see _deliver).
+        """
+        return self._timeout + 2 * min(self._timeout, tx.STATUS_TIMEOUT_SECONDS)
+
+    @property
     def lease_seconds(self) -> float:
-        return self._timeout + min(LEASE_MARGIN_SECONDS, 2 * self._timeout)
+        # Longer than the attempt, or the lease would run out while it is still in flight:
+        # the delivery would be claimed and sent again, and this outcome fenced off.
+        return self.attempt_budget + min(LEASE_MARGIN_SECONDS, 2 * self._timeout)
 
     def wake(self) -> None:
         """New work: deliveries may be due now."""
@@ -278,7 +288,15 @@ class Dispatcher:
         try:
             attempt = self._attempt_for(claim)
             transport = self._transports[claim.subscriber.spec.protocol]
-            result = await self._attempt(transport, attempt, claim)
+            async with asyncio.timeout(self.attempt_budget):
+                result = await self._attempt(transport, attempt, claim)
+        except TimeoutError:
+            # A transport that overran its own deadlines: the outcome is recorded while the
+            # lease still holds, as uncertain, since the send may have gone out.
+            result = tx.Result(
+                tx.Outcome.UNCERTAIN,
+                error=f"no outcome within the attempt's budget of {self.attempt_budget:g}s",
+            )
         except Exception as error:
             # A bug here (or a secret that cannot sign) fails the attempt on the schedule;
             # escaping, it would leave the delivery leased, to fail the same way each lease.
