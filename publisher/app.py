@@ -40,7 +40,9 @@ class PublisherApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port = 0
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # The host name cut short: with the sweep's prefix (store.sweeper_of) an owner must
+        # fit the lease column's 80 characters, and a host name may take 64.
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
         self._lock: db.FileLock | None = None
         self._server: grpc.aio.Server | None = None
         self._store: Store | None = None

@@ -37,7 +37,7 @@ from common import log, signing
 from publisher import model, retry
 from publisher import transport as tx
 from publisher.slots import Grant, Slots
-from publisher.store import AttemptRecord, Store
+from publisher.store import AttemptRecord, Store, sweeper_of
 
 logger = logging.getLogger("publisher.dispatcher")
 
@@ -70,6 +70,7 @@ class Dispatcher:
         self._store = store
         self._transports = transports
         self._owner = owner
+        self._sweeper = sweeper_of(owner)
         self._issuer = issuer
         self._timeout = delivery_timeout
         self._slots = Slots(max_in_flight, max_in_flight_per_subscriber)
@@ -223,32 +224,42 @@ class Dispatcher:
 
         Those that arrived are confirmed now instead of at their next retry,
         possibly hours away; the others go back to their scheduled time. It
-        sends nothing and spends no attempt.
+        sends nothing and spends no attempt. What it holds is held under the
+        sweeper's name (store.sweeper_of), and given back at its scheduled time
+        if the sweep is stopped or fails before it has an answer.
         """
         doubtful = await self._store.claim_doubtful(
-            self._owner, RECONCILE_BATCH, self.lease_seconds
+            self._sweeper, RECONCILE_BATCH, self.lease_seconds
         )
         if not doubtful:
             return
-        receipts = await asyncio.gather(*(self._receipt(claim) for claim, _ in doubtful))
-        now = self._now()
-        confirmed = [
-            self._decide(claim, _confirmed("reconciliation sweep"), now, 0.0)
-            for (claim, _), receipt in zip(doubtful, receipts, strict=True)
-            if receipt == tx.Receipt.HAS_IT
-        ]
-        unconfirmed = [
-            (claim, when)
-            for (claim, when), receipt in zip(doubtful, receipts, strict=True)
-            if receipt != tx.Receipt.HAS_IT
-        ]
-        if confirmed:
-            await self._store.record(confirmed)
-            log.event(logger, "reconciled", confirmed=len(confirmed))
-        if unconfirmed:
-            await self._store.release_unconfirmed(unconfirmed, self._owner)
-            # Given back at their scheduled times, some of which may have passed.
-            self.wake()
+        settled = False
+        try:
+            receipts = await asyncio.gather(*(self._receipt(claim) for claim, _ in doubtful))
+            now = self._now()
+            confirmed = [
+                self._decide(claim, _confirmed("reconciliation sweep"), now, 0.0, self._sweeper)
+                for (claim, _), receipt in zip(doubtful, receipts, strict=True)
+                if receipt == tx.Receipt.HAS_IT
+            ]
+            unconfirmed = [
+                (claim, when)
+                for (claim, when), receipt in zip(doubtful, receipts, strict=True)
+                if receipt != tx.Receipt.HAS_IT
+            ]
+            if confirmed:
+                await self._store.record(confirmed)
+                log.event(logger, "reconciled", confirmed=len(confirmed))
+            settled = True
+        finally:
+            if not settled:
+                # Stopped or failed before the answers were written: every one goes back
+                # to its scheduled time (a confirmation that did commit is fenced off).
+                unconfirmed = doubtful
+            if unconfirmed:
+                await self._store.release_unconfirmed(unconfirmed, self._sweeper)
+        # Given back at their scheduled times, some of which may have passed.
+        self.wake()
 
     async def _receipt(self, claim: model.Claim) -> tx.Receipt:
         """The subscriber's answer about ``claim``'s event; unanswered if it cannot be asked.
@@ -332,7 +343,12 @@ class Dispatcher:
         return result
 
     def _decide(
-        self, claim: model.Claim, result: tx.Result, started: float, duration: float
+        self,
+        claim: model.Claim,
+        result: tx.Result,
+        started: float,
+        duration: float,
+        owner: str = "",
     ) -> AttemptRecord:
         """Turns a transport result into the delivery's next state (pure but for the clock)."""
         now = self._now()
@@ -372,7 +388,7 @@ class Dispatcher:
         return AttemptRecord(
             delivery_id=claim.delivery_id,
             attempt=claim.attempt,
-            owner=self._owner,
+            owner=owner or self._owner,
             started_at=started,
             duration=duration,
             outcome=result.outcome.value,

@@ -38,6 +38,15 @@ MAX_RECORD_BATCH = 1000
 _EMIT_TRIES = 3
 # PostgreSQL channel that wakes other replicas when work becomes due (publisher.wakeup).
 NOTIFY_CHANNEL = "webhooks_new_work"
+# The reconciliation sweep holds deliveries under its own name, ``sweeper_of(owner)``: an
+# attempt that was in flight under the owner's name stays fenced off from them (a Redeliver
+# gives the delivery up without a new attempt number), and they keep their scheduled time
+# when given back, since asking the subscriber is not an attempt.
+SWEEP_PREFIX = "sweep:"
+
+
+def sweeper_of(owner: str) -> str:
+    return SWEEP_PREFIX + owner
 
 
 def new_id(prefix: str) -> str:
@@ -420,6 +429,8 @@ class Store:
                     round_started_at=None,
                     next_attempt_at=now,
                     lease_owner=None,
+                    # If it is dead-lettered again, the people are told again.
+                    notified_at=None,
                     updated_at=now,
                 )
             )
@@ -471,7 +482,9 @@ class Store:
 
         Unlike ``claim`` this is no attempt: the attempt number stays, and each
         claim comes with the delivery's scheduled time, to be given back by
-        ``release_unconfirmed`` if the subscriber does not have the event.
+        ``release_unconfirmed`` if the subscriber does not have the event. The
+        lease never brings that time forward: if the sweeper dies, the delivery
+        comes due at its scheduled time (or when the lease runs out, if later).
         """
         now = self._now()
         doubtful = (
@@ -493,7 +506,16 @@ class Store:
             leased = conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id.in_(list(scheduled)))
-                .values(lease_owner=owner, next_attempt_at=now + lease_seconds)
+                .values(
+                    lease_owner=owner,
+                    next_attempt_at=sa.case(
+                        (
+                            deliveries.c.next_attempt_at > now + lease_seconds,
+                            deliveries.c.next_attempt_at,
+                        ),
+                        else_=now + lease_seconds,
+                    ),
+                )
                 .returning(*statements.CLAIMED)
             )
             return scheduled, _with_details(conn, leased.all())
@@ -567,20 +589,21 @@ class Store:
         return [None] * len(batch)
 
     async def release(self, owner: str) -> int:
-        """Hands back ``owner``'s leases so that they are due at once (graceful stop)."""
+        """Hands back ``owner``'s leases (and its sweeper's) so that they are due at once
+        (graceful stop); the sweeper's keep their scheduled time."""
         now = self._now()
         release = (
             deliveries.update()
             .where(
-                deliveries.c.lease_owner == owner,
+                deliveries.c.lease_owner.in_([owner, sweeper_of(owner)]),
                 deliveries.c.state.in_([model.DeliveryState.PENDING.value, "held"]),
             )
-            .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+            .values(lease_owner=None, next_attempt_at=_due_again(now), updated_at=now)
         )
         return await self._run(lambda conn: conn.execute(release).rowcount)
 
     async def reclaim_all(self) -> int:
-        """Makes every leased delivery due now.
+        """Makes every leased delivery due now (a sweeper's at its scheduled time).
 
         Only for the embedded database, where this process is the only
         publisher: any lease it finds was left by a previous run that died.
@@ -589,7 +612,7 @@ class Store:
         reclaim = (
             deliveries.update()
             .where(deliveries.c.lease_owner.is_not(None))
-            .values(lease_owner=None, next_attempt_at=now, updated_at=now)
+            .values(lease_owner=None, next_attempt_at=_due_again(now), updated_at=now)
         )
         return await self._run(lambda conn: conn.execute(reclaim).rowcount)
 
@@ -823,6 +846,15 @@ class Store:
 
 
 # -- rows <-> records ------------------------------------------------------------------------
+
+
+def _due_again(now: float) -> sa.ColumnElement[float]:
+    """When a delivery whose lease is given back comes due: now, or for a sweeper's lease
+    at the time it was scheduled for (which claim_doubtful left in place if later)."""
+    return sa.case(
+        (deliveries.c.lease_owner.startswith(SWEEP_PREFIX), deliveries.c.next_attempt_at),
+        else_=now,
+    )
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
