@@ -4,7 +4,8 @@ Without it the database grows for as long as it lives. An event goes only when
 every delivery of it is settled (delivered or dead-lettered), so nothing still
 owed to a subscriber is lost, however old. What goes with it: GetEvent and
 GetDelivery answer NOT_FOUND, the catch-up feed no longer lists it, and its
-idempotency key may be used again.
+idempotency key may be used again. The newest event always stays (see
+store.expired_events).
 
 Replicas on one PostgreSQL database take turns (Store.prune): a round that finds
 another replica pruning leaves the work to it.

@@ -969,10 +969,14 @@ def expired_events(before: float, limit: int) -> sa.Select[tuple[str]]:
         .where(deliveries.c.event_id == events.c.id, deliveries.c.state.not_in(_SETTLED))
         .exists()
     )
+    # The newest event stays, however old: SQLite numbers a new row one past the highest
+    # it has, so deleting the highest would hand its seq out again, and a subscriber whose
+    # catch-up cursor is past it would never see the events numbered so.
+    newest = sa.select(sa.func.max(events.c.seq)).scalar_subquery()
     # Oldest first through ix_events_created: the scan reads only what expired.
     return (
         sa.select(events.c.id)
-        .where(events.c.created_at < before, ~owed)
+        .where(events.c.created_at < before, events.c.seq < newest, ~owed)
         .order_by(events.c.created_at)
         .limit(limit)
     )

@@ -127,13 +127,36 @@ async def test_a_prune_takes_at_most_its_limit_and_the_job_takes_them_all(
         await emit(store, "a.paid")
     await settle(store, clock, model.DeliveryState.DELIVERED)
     clock.now = T0 + 10
+    await emit(store, "a.paid")  # Recent: the newest, which always stays, is not one of them.
 
     assert await store.prune(before=T0 + 1, limit=2) == 2
     monkeypatch.setattr(retention, "BATCH", 2)
     job = retention.Retention(store, keep=5.0, now=clock)
     assert await job.run_once() == 3
     assert await job.run_once() == 0
-    assert await count(store, deliveries) == 0
+    assert await count(store, deliveries) == 1
+
+
+async def test_the_newest_event_stays_so_that_no_event_is_numbered_twice(
+    store: Store, clock: Clock
+) -> None:
+    """Even expired and settled, the newest event stays: SQLite numbers a new event one past
+    the highest it holds, and a catch-up cursor past a deleted newest one would skip the
+    events numbered as it was."""
+    sub = await subscriber(store, "a")
+    for _ in range(3):
+        await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    seen, cursor = await store.events_for(sub, 0, 10)
+    assert len(seen) == 3
+    clock.now = T0 + 100
+
+    assert await store.prune(before=T0 + 50, limit=10) == 2
+    assert (await store.get_event(seen[-1].id)).id == seen[-1].id
+    later = await emit(store, "a.paid")
+
+    found, _ = await store.events_for(sub, cursor, 10)
+    assert [event.id for event in found] == [later.event_id]
 
 
 async def test_nothing_goes_before_its_time(store: Store, clock: Clock) -> None:
@@ -198,6 +221,7 @@ async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock
     event = await emit(store, "a.paid")
     await settle(store, clock, model.DeliveryState.DELIVERED)
     clock.now = T0 + 100
+    await emit(store, "a.paid")  # The newest, which stays anyway.
     async with store.engine.connect() as redeliver:
         await redeliver.execute(
             deliveries.update()
@@ -209,16 +233,18 @@ async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock
         await redeliver.commit()
     assert await pruning == 0
     assert (await store.get_event(event.event_id)).id == event.event_id
-    assert await count(store, deliveries) == 1
+    assert await count(store, deliveries) == 2
 
 
 async def expired_and_settled(store: Store, clock: Clock, how_many: int) -> None:
-    """``how_many`` delivered events, expired by the time the test prunes (before T0 + 50)."""
+    """``how_many`` delivered events, expired by the time the test prunes (before T0 + 50),
+    and a recent one after them, the newest, which stays."""
     await subscriber(store, "a")
     for _ in range(how_many):
         await emit(store, "a.paid")
     await settle(store, clock, model.DeliveryState.DELIVERED)
     clock.now = T0 + 100
+    await emit(store, "a.paid")
 
 
 async def test_a_replica_leaves_pruning_to_the_one_already_at_it(
@@ -234,11 +260,11 @@ async def test_a_replica_leaves_pruning_to_the_one_already_at_it(
         assert await other.scalar(taken)  # Held until its transaction ends.
 
         assert await asyncio.wait_for(store.prune(before=T0 + 50, limit=10), 10) == 0
-        assert await count(store, deliveries) == 3
+        assert await count(store, deliveries) == 4
 
         await other.rollback()
     assert await store.prune(before=T0 + 50, limit=10) == 3
-    assert await count(store, deliveries) == 0
+    assert await count(store, deliveries) == 1
 
 
 async def test_a_prune_counts_only_the_events_it_deleted(store: Store, clock: Clock) -> None:
