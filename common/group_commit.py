@@ -26,9 +26,14 @@ class GroupCommit(Generic[T, R]):
     crosses the mark goes in whole.
 
     ``write`` gets the items of one or more submissions and returns one result
-    per item, in order. If it raises, every submission of that batch gets the
-    exception. A submission is never split across batches, so it is written
-    all-or-nothing.
+    per item, in order. It must be all-or-nothing (one transaction): when it
+    raises, nothing of the batch was written. A submission is never split
+    across batches, so it is written all-or-nothing too.
+
+    If a batch of several submissions fails, each is written again on its own,
+    so that one bad submission fails alone instead of taking with it those that
+    merely shared its transaction; a failure that is not theirs (the database
+    is down) then reaches every one of them.
     """
 
     def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], max_items: int) -> None:
@@ -78,9 +83,13 @@ class GroupCommit(Generic[T, R]):
         try:
             results = await self._write(items)
         except Exception as error:
-            for _, future in batch:
+            if len(batch) == 1:
+                _, future = batch[0]
                 if not future.done():
                     future.set_exception(error)
+                return
+            for submission in batch:
+                await self._flush([submission])
             return
         offset = 0
         for submitted, future in batch:

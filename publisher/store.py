@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,8 @@ from publisher.schema import attempts, deliveries, events, subscribers
 from publisher.slots import Grant
 
 T = TypeVar("T")
+
+logger = logging.getLogger("publisher.store")
 
 # Events per emit transaction; a batch emit of 1,000 still goes in one piece.
 MAX_EMIT_BATCH = 1000
@@ -317,10 +320,10 @@ class Store:
                         raise
         finally:
             if taker is not None:
-                taker.take(claims, grant)
+                _after_commit(taker.take, claims, grant)
         created = sum(r.delivery_count for r in results if not r.duplicate)
         if created > len(claims):
-            self.on_new_work()
+            _after_commit(self.on_new_work)
         return results
 
     def _insert_events(
@@ -846,6 +849,19 @@ class Store:
 
 
 # -- rows <-> records ------------------------------------------------------------------------
+
+
+def _after_commit(hand_over: Callable[..., None], *args: Any) -> None:
+    """Runs what follows an emit's commit, logging instead of raising.
+
+    The events are written by then: an error here would tell the caller they
+    were not, and a caller (or the group commit, which writes the submissions of
+    a failed batch again one by one) would write them twice.
+    """
+    try:
+        hand_over(*args)
+    except Exception:
+        logger.exception("handing over after an emit's commit failed")
 
 
 def _due_again(now: float) -> sa.ColumnElement[float]:

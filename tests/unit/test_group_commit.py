@@ -20,14 +20,16 @@ class Boom(Exception):
 class GatedWriter:
     """A write function that holds its first call until released, so submissions pile up behind it.
 
-    Results are ``item * 10``; ``fail_calls`` lists the call numbers (1-based) that raise Boom.
+    Results are ``item * 10``; ``fail_calls`` lists the call numbers (1-based) that raise Boom,
+    and a call holding any of ``fail_items`` raises Boom too.
     """
 
-    def __init__(self, fail_calls: Sequence[int] = ()) -> None:
+    def __init__(self, fail_calls: Sequence[int] = (), fail_items: Sequence[int] = ()) -> None:
         self.calls: list[list[int]] = []
         self.first_started = asyncio.Event()
         self.release = asyncio.Event()
         self._fail_calls = set(fail_calls)
+        self._fail_items = set(fail_items)
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.calls.append(list(items))
@@ -37,6 +39,8 @@ class GatedWriter:
             await self.release.wait()
         if number in self._fail_calls:
             raise Boom(f"call {number}")
+        if self._fail_items.intersection(items):
+            raise Boom(f"call {number} holds a failing item")
         return [item * 10 for item in items]
 
 
@@ -151,9 +155,27 @@ async def test_a_batch_stops_taking_submissions_once_it_holds_max_items() -> Non
     assert writer.calls == [[0], [1, 2], [3, 4]]
 
 
-async def test_write_error_reaches_every_caller_of_the_batch_and_later_writes_work() -> None:
-    """A failed write raises in each of its callers; the writer keeps serving new submissions."""
-    writer = GatedWriter(fail_calls=[2])
+async def test_a_failing_submission_fails_alone_and_the_others_of_its_batch_are_written() -> None:
+    """When a shared write fails, each submission is written again on its own: only the one
+    that fails alone gets the exception, the others get their results."""
+    writer = GatedWriter(fail_items=[3])
+    async with asyncio.timeout(TIMEOUT):
+        group, first = await _blocked_group(writer)
+        tasks = await _queue_behind(group, [[1], [2, 3], [4, 5], [6]])
+        writer.release.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert await first == [0]
+        await group.close()
+    assert outcomes[0] == [10]
+    assert isinstance(outcomes[1], Boom)
+    assert outcomes[2:] == [[40, 50], [60]]
+    assert writer.calls == [[0], [1, 2, 3, 4, 5, 6], [1], [2, 3], [4, 5], [6]]
+
+
+async def test_write_error_that_persists_reaches_every_caller_and_later_writes_work() -> None:
+    """A write that fails for all (the database is down) fails each submission alone too, and
+    the writer keeps serving new submissions."""
+    writer = GatedWriter(fail_calls=[2, 3, 4])
     async with asyncio.timeout(TIMEOUT):
         group, first = await _blocked_group(writer)
         tasks = await _queue_behind(group, [[1], [2, 3]])
@@ -163,7 +185,7 @@ async def test_write_error_reaches_every_caller_of_the_batch_and_later_writes_wo
         assert all(isinstance(outcome, Boom) for outcome in outcomes)
         assert await group.submit([4]) == [40]
         await group.close()
-    assert writer.calls == [[0], [1, 2, 3], [4]]
+    assert writer.calls == [[0], [1, 2, 3], [1], [2, 3], [4]]
 
 
 async def test_write_error_on_a_lone_submission_reaches_its_caller() -> None:
