@@ -13,6 +13,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import re
 import shlex
 import smtplib
 import ssl
@@ -20,6 +21,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Literal, get_args
 
@@ -41,6 +43,13 @@ MAX_LAST_ERROR = 2000
 # Commands are printed for a reader to adapt: the publisher does not know its public address.
 PUBLISHER_ADDRESS = "PUBLISHER_HOST:50051"
 SERVICE = "webhooks.v1.PublisherService"
+
+# The longest address SMTP can carry (64 for the local part, @, 255 for the domain).
+MAX_ADDRESS_LENGTH = 320
+# Either side of the @: nothing that quotes, comments, groups or separates addresses in a
+# header, and no whitespace or control character, so that one address is one recipient.
+_ADDRESS_PART = r'[^@\s"(),:;<>\[\]\\\x00-\x1f\x7f-\x9f]+'
+_ADDRESS = re.compile(rf"{_ADDRESS_PART}@{_ADDRESS_PART}")
 
 
 class MailError(errors.WebhooksError):
@@ -72,6 +81,23 @@ class SmtpSettings:
             raise ValueError("a password needs a username")
         if not self.sender:
             raise ValueError("sender must not be empty")
+        # Blank means none (recipients() strips it); anything else must be one plain address.
+        operator = self.operator_email.strip()
+        problem = address_problem(operator) if operator else None
+        if problem:
+            raise ValueError(f"operator_email: {problem}")
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not a plain ``local@domain`` address, or None if it is."""
+    if len(address) > MAX_ADDRESS_LENGTH:
+        return f"longer than {MAX_ADDRESS_LENGTH} characters"
+    if not _ADDRESS.fullmatch(address):
+        return (
+            f"{address!r} is not a plain email address local@domain"
+            " (no quotes, commas, brackets, spaces or control characters)"
+        )
+    return None
 
 
 # One vocabulary with the store, which returns these; re-exported for the mailer's callers.
@@ -285,13 +311,25 @@ def _message(
     message["From"] = settings.sender
     to = recipients(subscriber, settings)
     if to:
-        message["To"] = ", ".join(to)
+        message["To"] = [_address(address) for address in to]
     message["Date"] = email.utils.formatdate(usegmt=True)
     # An explicit domain: the default asks the resolver for this host's FQDN, which can hang.
     domain = settings.sender.rpartition("@")[2] or "localhost"
     message["Message-ID"] = email.utils.make_msgid(domain=domain)
     message.set_content("\n".join(lines) + "\n")
     return message
+
+
+def _address(address: str) -> Address:
+    """``address`` as one mailbox of a To header.
+
+    Built from its parts, never parsed from joined text: a character that is special in a
+    header (a comma, a quote) ends up quoted inside this address, so it can neither split
+    into two recipients nor swallow the next one. Validation refuses such addresses, but
+    one stored before it did is still sent as one.
+    """
+    local, at, domain = address.rpartition("@")
+    return Address(username=local, domain=domain) if at else Address(username=address)
 
 
 def _subscriber_block(subscriber: model.Subscriber) -> list[str]:

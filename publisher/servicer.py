@@ -83,7 +83,8 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         self, request: publisher_pb2.ListSubscribersRequest, context: Context
     ) -> publisher_pb2.ListSubscribersResponse:
         limit = validation.page_size(request.page_size)
-        found = await self._store.list_subscribers(limit, request.page_token)
+        after = validation.page_token(request.page_token)
+        found = await self._store.list_subscribers(limit, after)
         return publisher_pb2.ListSubscribersResponse(
             subscribers=[_subscriber(s) for s in found],
             next_page_token=found[-1].id if len(found) == limit else "",
@@ -182,11 +183,12 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.ListDeliveriesResponse:
         limit = validation.page_size(request.page_size)
         where = model.DeliveryFilter(
-            event_id=request.event_id,
-            subscriber_id=request.subscriber_id,
+            event_id=validation.optional_id(request.event_id, "event_id"),
+            subscriber_id=validation.optional_id(request.subscriber_id, "subscriber_id"),
             state=validation.delivery_state(request.state),
         )
-        found = await self._store.list_deliveries(where, limit, request.page_token)
+        after = validation.page_token(request.page_token)
+        found = await self._store.list_deliveries(where, limit, after)
         return publisher_pb2.ListDeliveriesResponse(
             deliveries=[_delivery(d) for d in found],
             next_page_token=found[-1].id if len(found) == limit else "",

@@ -16,12 +16,16 @@ from google.protobuf import duration_pb2
 
 from common import errors, signing
 from common.gen.webhooks.v1 import publisher_pb2
-from publisher import matching, model, retry
+from publisher import mailer, matching, model, retry
 
 DEFAULT_CONTENT_TYPE = "application/json"
 MAX_NAME_LENGTH = 200
 MAX_KEY_LENGTH = 200
+MAX_CONTENT_TYPE_LENGTH = 200
+MAX_SECRET_LENGTH = 200
 MAX_URL_LENGTH = 2048
+# The feed's cursors are event sequence numbers, 64-bit integers in both databases.
+MAX_CURSOR = 2**63 - 1
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
@@ -29,8 +33,11 @@ MAX_BATCH = 1000
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _CONTENT_TYPE = re.compile(r"^[\w.+\-]+/[\w.+\-]+(\s*;.*)?$")
+# C0 and C1 control characters and DEL. None belongs in a name, an id, a token, a URL or a
+# header value: PostgreSQL refuses NUL in text, a header cannot carry a line break, and
+# urlsplit silently drops tabs and line breaks, so a URL is checked before it is parsed.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 UPDATABLE = frozenset(
     {
@@ -88,6 +95,11 @@ def subscriber_spec(
         raise errors.InvalidArgument("name", "must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise errors.InvalidArgument("name", f"longer than {MAX_NAME_LENGTH} characters")
+    _no_control(name, "name")
+    if len(endpoint) > MAX_URL_LENGTH:
+        raise errors.InvalidArgument("endpoint", f"longer than {MAX_URL_LENGTH} characters")
+    _no_control(endpoint, "endpoint")
+    _no_control(status_url, "status_url")
     kind = _protocol(protocol, endpoint)
     if kind == model.Protocol.HTTP:
         _http_url(endpoint, "endpoint")
@@ -101,8 +113,8 @@ def subscriber_spec(
     problem = retry.validate(schedule)
     if problem:
         raise errors.InvalidArgument("retry_schedule", problem)
-    if contact_email and not _EMAIL.fullmatch(contact_email):
-        raise errors.InvalidArgument("contact_email", f"{contact_email!r} is not an email address")
+    if contact_email:
+        _contact_email(contact_email)
     if body_format not in _BODY_FORMATS:
         raise errors.InvalidArgument("body_format", f"unknown value {body_format}")
     fmt = _BODY_FORMATS[body_format]
@@ -133,6 +145,8 @@ def secret(value: str) -> str:
     """The caller's secret after checking it, or a freshly generated one."""
     if not value:
         return signing.generate_secret()
+    if len(value) > MAX_SECRET_LENGTH:
+        raise errors.InvalidArgument("secret", f"longer than {MAX_SECRET_LENGTH} characters")
     signing.secret_key(value, "secret")
     return value
 
@@ -180,21 +194,24 @@ def new_event(
             f"{field}payload", f"{len(request.payload)} bytes exceeds the limit of {max_payload}"
         )
     content_type = request.content_type.strip() or DEFAULT_CONTENT_TYPE
+    if len(content_type) > MAX_CONTENT_TYPE_LENGTH:
+        raise errors.InvalidArgument(
+            f"{field}content_type", f"longer than {MAX_CONTENT_TYPE_LENGTH} characters"
+        )
+    _no_control(content_type, f"{field}content_type")
     if not _CONTENT_TYPE.fullmatch(content_type):
         raise errors.InvalidArgument(
             f"{field}content_type", f"{content_type!r} is not a media type"
         )
     if content_type.split(";")[0].strip().lower() == DEFAULT_CONTENT_TYPE:
-        try:
-            json.loads(request.payload)
-        except ValueError:
-            raise errors.InvalidArgument(
-                f"{field}payload", "not valid JSON, but content_type is application/json"
-            ) from None
+        problem = _json_problem(request.payload)
+        if problem:
+            raise errors.InvalidArgument(f"{field}payload", problem)
     if len(request.idempotency_key) > MAX_KEY_LENGTH:
         raise errors.InvalidArgument(
             f"{field}idempotency_key", f"longer than {MAX_KEY_LENGTH} characters"
         )
+    _no_control(request.idempotency_key, f"{field}idempotency_key")
     return model.NewEvent(
         type=request.type,
         payload=request.payload,
@@ -230,7 +247,12 @@ def delivery_state(value: publisher_pb2.DeliveryState.ValueType) -> model.Delive
 def cursor(value: str) -> int:
     if not value:
         return 0
-    if not (value.isascii() and value.isdigit()):
+    # The length first: int() refuses a string of thousands of digits.
+    if (
+        not (value.isascii() and value.isdigit())
+        or len(value) > len(str(MAX_CURSOR))
+        or int(value) > MAX_CURSOR
+    ):
         raise errors.InvalidArgument("cursor", f"{value!r} is not a cursor this feed returned")
     return int(value)
 
@@ -240,6 +262,7 @@ def replay_filter(subscriber_id: str, event_types: Sequence[str]) -> tuple[str, 
         raise errors.InvalidArgument(
             "subscriber_id", "required unless event_types names what to replay"
         )
+    _no_control(subscriber_id, "subscriber_id")
     for index, pattern in enumerate(event_types):
         problem = matching.filter_problem(pattern)
         if problem:
@@ -250,7 +273,50 @@ def replay_filter(subscriber_id: str, event_types: Sequence[str]) -> tuple[str, 
 def required_id(value: str, field: str) -> str:
     if not value:
         raise errors.InvalidArgument(field, "must not be empty")
+    _no_control(value, field)
     return value
+
+
+def optional_id(value: str, field: str) -> str:
+    """An id that filters when given; empty means no filter."""
+    _no_control(value, field)
+    return value
+
+
+def page_token(value: str) -> str:
+    _no_control(value, "page_token")
+    return value
+
+
+def _no_control(value: str, field: str) -> None:
+    found = _CONTROL.search(value)
+    if found:
+        raise errors.InvalidArgument(
+            field, f"must not contain control characters ({found.group()!r} at {found.start()})"
+        )
+
+
+def _contact_email(address: str) -> None:
+    problem = mailer.address_problem(address)
+    if problem:
+        raise errors.InvalidArgument("contact_email", problem)
+    if "." not in address.rpartition("@")[2]:
+        raise errors.InvalidArgument(
+            "contact_email", f"{address!r} has no domain with a dot, as in example.com"
+        )
+
+
+def _json_problem(payload: bytes) -> str | None:
+    """Why a payload that claims to be JSON is not, or None."""
+    try:
+        # Integers stay text: only validity matters here, and int() refuses more than 4300
+        # digits, which JSON allows.
+        json.loads(payload, parse_int=str)
+    except ValueError:
+        return "not valid JSON, but content_type is application/json"
+    except RecursionError:
+        return "nested too deeply to check"
+    return None
 
 
 def _protocol(value: publisher_pb2.Protocol.ValueType, endpoint: str) -> model.Protocol:
@@ -269,7 +335,8 @@ def _grpc_target(endpoint: str) -> None:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host:
         raise errors.InvalidArgument("endpoint", f"{endpoint!r} is not host:port")
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    # The length first: int() refuses a string of thousands of digits.
+    if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
         raise errors.InvalidArgument("endpoint", f"{endpoint!r} has no valid port")
     if host.startswith("[") and host.endswith("]"):
         try:

@@ -165,6 +165,9 @@ def test_mail_error_is_a_webhooks_error() -> None:
         {"timeout": 0.0},
         {"username": "", "password": "secret"},
         {"sender": ""},
+        {"operator_email": "a@example.com, b@example.com"},
+        {"operator_email": "Ops <ops@example.com>"},
+        {"operator_email": 'ops"@example.com'},
     ],
 )
 def test_smtp_settings_reject_nonsense(changes: dict[str, Any]) -> None:
@@ -181,6 +184,31 @@ def test_digest_headers() -> None:
     assert email.utils.parsedate_to_datetime(str(message["Date"])) is not None
     assert str(message["Message-ID"]).endswith("@example.com>")
     assert message.get_content_type() == "text/plain"
+
+
+def _rcpt_to(message: EmailMessage) -> list[str]:
+    """The envelope recipients smtplib's send_message takes from the To header."""
+    return [address for _, address in email.utils.getaddresses(message.get_all("To", []))]
+
+
+@pytest.mark.parametrize(
+    ("contact", "one_recipient"),
+    [
+        ('a"b@example.com', '"a\\"b"@example.com'),
+        ("victim,x@example.com", '"victim,x"@example.com'),
+        ("x@example.com, y@example.com", '"x@example.com, y"@example.com'),
+        ("ü@example.com", "ü@example.com"),
+    ],
+)
+def test_each_recipient_stays_one_address_whatever_its_characters(
+    contact: str, one_recipient: str
+) -> None:
+    """A contact stored before validation refused quotes and commas can neither swallow the
+    operators' address nor split into a bare local recipient: it is quoted as one address."""
+    message = _digest(_letters(1), billing_subscriber(contact_email=contact))
+    assert _rcpt_to(message) == [one_recipient, "oncall@example.com"]
+    reparsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    assert len(reparsed["To"].addresses) == 2
 
 
 def test_digest_subject_counts_deliveries_and_names_the_subscriber() -> None:

@@ -98,6 +98,13 @@ def test_overlong_name_is_rejected() -> None:
         _spec(name="n" * (validation.MAX_NAME_LENGTH + 1))
 
 
+@pytest.mark.parametrize("name", ["a\x00b", "a\tb", "a\r\nb", "a\x7fb", "a\x9bb"])
+def test_name_with_control_characters_is_rejected(name: str) -> None:
+    """PostgreSQL refuses a NUL in text, and a line break would spill into email subjects."""
+    with _invalid("name"):
+        _spec(name=name)
+
+
 @pytest.mark.parametrize(
     "endpoint",
     [
@@ -114,6 +121,8 @@ def test_overlong_name_is_rejected() -> None:
         "[not-ipv6]:80",
         "::1:80",
         "",
+        "host:" + "0" * 5000 + "80",
+        "[fe80::1%" + "x" * validation.MAX_URL_LENGTH + "]:80",
     ],
 )
 def test_malformed_grpc_endpoint_is_rejected(endpoint: str) -> None:
@@ -142,6 +151,24 @@ def test_grpc_endpoint_host_with_trailing_newline_is_rejected() -> None:
     """A host name ending in a newline is not a host name."""
     with _invalid("endpoint"):
         _spec(endpoint="orders.internal\n:50051", protocol=publisher_pb2.PROTOCOL_GRPC)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "protocol"),
+    [
+        ("[fe80::1%\x00]:50051", publisher_pb2.PROTOCOL_GRPC),
+        ("https://hooks.example.com/in\t", publisher_pb2.PROTOCOL_HTTP),
+        ("https://hooks.exa\r\nmple.com/in", publisher_pb2.PROTOCOL_HTTP),
+        ("https://hooks.example.com/i\nn", publisher_pb2.PROTOCOL_UNSPECIFIED),
+        ("https://hooks.example.com/\x00", publisher_pb2.PROTOCOL_HTTP),
+    ],
+)
+def test_endpoint_with_control_characters_is_rejected(
+    endpoint: str, protocol: publisher_pb2.Protocol.ValueType
+) -> None:
+    """Checked before parsing: urlsplit drops tabs and line breaks; an IPv6 scope takes a NUL."""
+    with _invalid("endpoint"):
+        _spec(endpoint=endpoint, protocol=protocol)
 
 
 @pytest.mark.parametrize("endpoint", ["https://hooks.example.com/in", "http://hooks:8080"])
@@ -268,10 +295,32 @@ def test_empty_schedule_means_the_default() -> None:
 
 
 @pytest.mark.parametrize(
-    "email", ["ops", "ops@", "@example.com", "ops@example", "o ps@example.com", "a@b@c.com"]
+    "email",
+    [
+        "ops",
+        "ops@",
+        "@example.com",
+        "ops@example",
+        "o ps@example.com",
+        "a@b@c.com",
+        'a"b@example.com',
+        '"ops"@example.com',
+        "victim,ops@example.com",
+        "ops(comment)@example.com",
+        "<ops@example.com>",
+        "Ops <ops@example.com>",
+        "ops;x@example.com",
+        "ops:x@example.com",
+        "ops\\x@example.com",
+        "ops@[127.0.0.1]",
+        "o\x00ps@example.com",
+        "ops@exa\tmple.com",
+        "a" * 309 + "@example.com",
+    ],
 )
 def test_bad_contact_email_is_rejected(email: str) -> None:
-    """A contact email must look like local@domain.tld."""
+    """A contact email is a plain local@domain.tld of at most 320 characters: nothing that
+    quotes, comments, groups or separates addresses in a To header."""
     with _invalid("contact_email"):
         _spec(contact_email=email)
 
@@ -280,6 +329,20 @@ def test_contact_email_with_trailing_newline_is_rejected() -> None:
     """A newline after the address is not part of an email address."""
     with _invalid("contact_email"):
         _spec(contact_email="ops@example.com\n")
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "ops@example.com",
+        "o.p+s-1_x@mail.example.co.uk",
+        "ü@example.com",
+        "a" * 308 + "@example.com",
+    ],
+)
+def test_plain_contact_email_is_accepted(email: str) -> None:
+    """Dots, plus signs, non-ASCII letters and 320 characters in all are fine."""
+    assert _spec(contact_email=email).contact_email == email
 
 
 def test_empty_contact_email_is_allowed() -> None:
@@ -319,6 +382,8 @@ def test_unknown_body_format_is_rejected() -> None:
         "https://status.example.com/events/event_id",
         "ftp://status.example.com/{event_id}",
         "https://user:pw@status.example.com/{event_id}",
+        "https://status.example.com/{event_id}\n",
+        "https://status.exa\tmple.com/{event_id}",
     ],
 )
 def test_bad_status_url_is_rejected(status_url: str) -> None:
@@ -355,10 +420,12 @@ def test_valid_secret_is_kept() -> None:
         "sk_" + _b64(32),
         _b64(32),
         "WHSEC_" + _b64(32),
+        "whsec_" + _b64(150),
     ],
 )
 def test_malformed_secret_is_rejected(value: str) -> None:
-    """A short, non-base64 or unprefixed secret is refused with field `secret`."""
+    """A short, long (over its column's 200 characters), non-base64 or unprefixed secret is
+    refused with field `secret`."""
     with _invalid("secret"):
         validation.secret(value)
 
@@ -430,6 +497,49 @@ def test_malformed_content_type_is_rejected(content_type: str) -> None:
     """A content type must be a type/subtype media type."""
     with _invalid("content_type"):
         validation.new_event(_event(content_type=content_type), MAX_PAYLOAD)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain; a=\rb",
+        "text/plain\n; a=b",
+        "text/plain; charset=\x00",
+        "text/plain;\tcharset=utf-8",
+        "text/" + "a" * 196,
+    ],
+)
+def test_content_type_with_control_characters_or_too_long_is_rejected(content_type: str) -> None:
+    """A content type goes into an HTTP header, which cannot hold control characters, and into
+    a column of 200 characters."""
+    with _invalid("content_type"):
+        validation.new_event(_event(content_type=content_type, payload=b"x"), MAX_PAYLOAD)
+
+
+def test_content_type_of_200_characters_is_accepted() -> None:
+    content_type = "text/" + "a" * 195
+    event = validation.new_event(_event(content_type=content_type, payload=b"x"), MAX_PAYLOAD)
+    assert event.content_type == content_type
+
+
+def test_json_nested_too_deeply_to_check_is_rejected() -> None:
+    """The JSON check recurses per level: past Python's limit it refuses, rather than crashes."""
+    with _invalid("payload") as info:
+        validation.new_event(_event(payload=b"[" * 100_000), 1_000_000)
+    assert "nested too deeply" in str(info.value)
+
+
+def test_json_with_an_integer_of_thousands_of_digits_is_accepted() -> None:
+    """Valid JSON whatever its numbers: the check does not convert them (Python refuses to turn
+    strings of more than 4300 digits into an int)."""
+    payload = b'{"n": ' + b"7" * 5000 + b"}"
+    assert validation.new_event(_event(payload=payload), MAX_PAYLOAD * 10).payload == payload
+
+
+@pytest.mark.parametrize("key", ["a\x00b", "a\nb", "k\t"])
+def test_idempotency_key_with_control_characters_is_rejected(key: str) -> None:
+    with _invalid("idempotency_key"):
+        validation.new_event(_event(idempotency_key=key), MAX_PAYLOAD)
 
 
 def test_long_idempotency_key_is_rejected() -> None:
@@ -557,3 +667,37 @@ def test_required_id_rejects_empty_and_names_the_field() -> None:
     assert validation.required_id("sub_1", "subscriber_id") == "sub_1"
     with _invalid("subscriber_id"):
         validation.required_id("", "subscriber_id")
+
+
+@pytest.mark.parametrize("value", ["sub_\x00", "sub\n", "\tsub_1", "sub_\x7f"])
+def test_ids_and_page_tokens_with_control_characters_are_rejected(value: str) -> None:
+    """PostgreSQL refuses a NUL in a query's text; no id or token holds a control character."""
+    with _invalid("subscriber_id"):
+        validation.required_id(value, "subscriber_id")
+    with _invalid("event_id"):
+        validation.optional_id(value, "event_id")
+    with _invalid("page_token"):
+        validation.page_token(value)
+    with _invalid("subscriber_id"):
+        validation.replay_filter(value, ["order.*"])
+
+
+def test_optional_ids_and_page_tokens_may_be_empty() -> None:
+    assert validation.optional_id("", "event_id") == ""
+    assert validation.optional_id("evt_1", "event_id") == "evt_1"
+    assert validation.page_token("") == ""
+    assert validation.page_token("sub_1") == "sub_1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", 0), ("0", 0), ("42", 42), (str(2**63 - 1), 2**63 - 1)]
+)
+def test_cursor_is_a_64_bit_number(value: str, expected: int) -> None:
+    assert validation.cursor(value) == expected
+
+
+@pytest.mark.parametrize("value", [str(2**63), "9" * 25, "9" * 5000, "-1", "1.5", "\u0663"])
+def test_cursor_outside_64_bits_or_not_a_number_is_rejected(value: str) -> None:
+    """Above 2**63-1 no database column holds it; thousands of digits int() refuses outright."""
+    with _invalid("cursor"):
+        validation.cursor(value)

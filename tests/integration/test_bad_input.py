@@ -1,0 +1,239 @@
+"""Input the database would refuse is refused first, as INVALID_ARGUMENT naming the field.
+
+On PostgreSQL a NUL character or a value longer than its column fails the query, which the
+caller saw as UNKNOWN (and a failed group commit took other callers' emits with it). Each test
+runs on an SQLite file and on PostgreSQL (the parametrised ``database_url`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from common import signing
+from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from tests.support import OpenPublisher
+
+if TYPE_CHECKING:
+    Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
+# A call to make, the field it should be refused for ("" when it should succeed).
+Case = tuple[Callable[[], Awaitable[Any]], str]
+
+GRPC_ENDPOINT = "127.0.0.1:1"
+# Valid base64 of 200 bytes: a well-formed secret, too long for its column (200 characters).
+LONG_SECRET = "whsec_" + base64.b64encode(b"k" * 200).decode()
+
+
+async def _outcome(call: Callable[[], Awaitable[Any]]) -> str:
+    """The call's outcome: OK, or the status code and the field its refusal names."""
+    try:
+        await call()
+    except grpc.aio.AioRpcError as error:
+        return f"{error.code().name} {(error.details() or '').partition(':')[0]}"
+    return "OK"
+
+
+async def _check(cases: dict[str, Case]) -> None:
+    """Makes each call in turn and expects its refusal (or success) as the case says."""
+    got = {label: await _outcome(call) for label, (call, _) in cases.items()}
+    expected = {
+        label: f"INVALID_ARGUMENT {field}" if field else "OK" for label, (_, field) in cases.items()
+    }
+    assert got == expected
+
+
+def _call(method: Callable[[Any], Awaitable[Any]], request: Any) -> Callable[[], Awaitable[Any]]:
+    """The call of ``method`` with ``request``, made only when it is awaited."""
+    return lambda: method(request)
+
+
+async def _register(stub: Stub) -> publisher_pb2.RegisterSubscriberResponse:
+    request = publisher_pb2.RegisterSubscriberRequest(name="bad-input", endpoint=GRPC_ENDPOINT)
+    response: publisher_pb2.RegisterSubscriberResponse = await stub.RegisterSubscriber(request)
+    return response
+
+
+async def test_subscriber_fields_the_database_would_refuse_are_invalid_arguments(
+    open_publisher: OpenPublisher,
+) -> None:
+    """Control characters in a name, endpoint or status URL, and an email address or secret
+    longer than its column, are refused naming the field; urlsplit would quietly drop a tab."""
+    stub = (await open_publisher()).stub
+    subscriber_id = (await _register(stub)).subscriber.id
+
+    def register(**fields: Any) -> Callable[[], Awaitable[Any]]:
+        values: dict[str, Any] = {"name": "n", "endpoint": GRPC_ENDPOINT, **fields}
+        return lambda: stub.RegisterSubscriber(publisher_pb2.RegisterSubscriberRequest(**values))
+
+    def rotate(secret: str) -> Callable[[], Awaitable[Any]]:
+        request = publisher_pb2.RotateSecretRequest(subscriber_id=subscriber_id, secret=secret)
+        return lambda: stub.RotateSecret(request)
+
+    await _check(
+        {
+            "NUL in name": (register(name="a\x00b"), "name"),
+            "tab in name": (register(name="a\tb"), "name"),
+            "NUL in gRPC endpoint": (register(endpoint="[::1%\x00]:50051"), "endpoint"),
+            "tab in URL": (register(endpoint="http://127.0.0.1:9/h\tok"), "endpoint"),
+            "LF in URL": (register(endpoint="http://127.0.0.1:9/\nin"), "endpoint"),
+            "CR in status URL": (
+                register(status_url="http://127.0.0.1:9/{event_id}\r"),
+                "status_url",
+            ),
+            "321-character email": (
+                register(contact_email="a" * 309 + "@example.com"),
+                "contact_email",
+            ),
+            "320-character email": (register(contact_email="a" * 308 + "@example.com"), ""),
+            "quote in email": (register(contact_email='a"b@example.com'), "contact_email"),
+            "comma in email": (register(contact_email="victim,x@example.com"), "contact_email"),
+            "long secret": (register(secret=LONG_SECRET), "secret"),
+            "rotate to a long secret": (rotate(LONG_SECRET), "secret"),
+        }
+    )
+
+
+async def test_ids_and_page_tokens_with_control_characters_are_invalid_arguments(
+    open_publisher: OpenPublisher,
+) -> None:
+    """Every id and page token a request carries, optional filters included, is checked."""
+    stub = (await open_publisher()).stub
+    bad = "sub_\x00"
+    pb = publisher_pb2
+    await _check(
+        {
+            "GetSubscriber": (
+                _call(stub.GetSubscriber, pb.GetSubscriberRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+            "ListSubscribers": (
+                _call(stub.ListSubscribers, pb.ListSubscribersRequest(page_token=bad)),
+                "page_token",
+            ),
+            "DeleteSubscriber": (
+                _call(stub.DeleteSubscriber, pb.DeleteSubscriberRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+            "RotateSecret": (
+                _call(stub.RotateSecret, pb.RotateSecretRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+            "GetEvent": (_call(stub.GetEvent, pb.GetEventRequest(event_id=bad)), "event_id"),
+            "ListEvents": (
+                _call(stub.ListEvents, pb.ListEventsRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+            "GetDelivery": (
+                _call(stub.GetDelivery, pb.GetDeliveryRequest(delivery_id=bad)),
+                "delivery_id",
+            ),
+            "Redeliver": (
+                _call(stub.Redeliver, pb.RedeliverRequest(delivery_id=bad)),
+                "delivery_id",
+            ),
+            "ListDeliveries by event": (
+                _call(stub.ListDeliveries, pb.ListDeliveriesRequest(event_id=bad)),
+                "event_id",
+            ),
+            "ListDeliveries by subscriber": (
+                _call(stub.ListDeliveries, pb.ListDeliveriesRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+            "ListDeliveries page": (
+                _call(stub.ListDeliveries, pb.ListDeliveriesRequest(page_token=bad)),
+                "page_token",
+            ),
+            "ReplayDeliveries": (
+                _call(stub.ReplayDeliveries, pb.ReplayDeliveriesRequest(subscriber_id=bad)),
+                "subscriber_id",
+            ),
+        }
+    )
+
+
+async def test_event_fields_the_database_or_a_delivery_would_refuse_are_invalid_arguments(
+    open_publisher: OpenPublisher,
+) -> None:
+    """A content type too long, or with a NUL or a line break (no HTTP delivery could carry it
+    as a header), a NUL in an idempotency key, and JSON nested too deeply to check are refused;
+    JSON with an integer of thousands of digits is valid and accepted."""
+    stub = (await open_publisher()).stub
+
+    def emit(**fields: Any) -> Callable[[], Awaitable[Any]]:
+        values: dict[str, Any] = {"type": "order.paid", "payload": b"{}", **fields}
+        return lambda: stub.Emit(publisher_pb2.EmitRequest(**values))
+
+    text = {"payload": b"x"}
+    batch = publisher_pb2.EmitBatchRequest(
+        events=[
+            publisher_pb2.EmitRequest(type="order.paid", payload=b"{}"),
+            publisher_pb2.EmitRequest(type="order.paid", payload=b"x", content_type="text/\x00"),
+        ]
+    )
+    await _check(
+        {
+            "201-character content type": (
+                emit(content_type="text/" + "a" * 196, **text),
+                "content_type",
+            ),
+            "200-character content type": (emit(content_type="text/" + "a" * 195, **text), ""),
+            "NUL in content type": (
+                emit(content_type="text/plain; a=\x00", **text),
+                "content_type",
+            ),
+            "CR in content type": (emit(content_type="text/plain; a=\rb", **text), "content_type"),
+            "LF in content type": (emit(content_type="text/plain\n; a=b", **text), "content_type"),
+            "NUL in idempotency key": (emit(idempotency_key="a\x00b"), "idempotency_key"),
+            "deeply nested JSON": (emit(payload=b"[" * 100_000), "payload"),
+            "JSON with a huge integer": (emit(payload=b"[" + b"7" * 5000 + b"]"), ""),
+            "bad event in a batch": (lambda: stub.EmitBatch(batch), "events[1].content_type"),
+        }
+    )
+
+
+async def test_a_cursor_beyond_what_the_database_can_hold_is_an_invalid_argument(
+    open_publisher: OpenPublisher,
+) -> None:
+    """Cursors are 64-bit: the largest is accepted, anything above it refused naming `cursor`."""
+    running = await open_publisher()
+    stub = running.stub
+    registered = await _register(stub)
+    subscriber_id = registered.subscriber.id
+    token = signing.sign_catch_up(
+        signing.secret_key(registered.secret),
+        subscriber_id=subscriber_id,
+        audience=running.app.settings.issuer,
+        now=time.time(),
+    )
+    auth = (("authorization", f"Bearer {token}"),)
+
+    def page(cursor: str) -> Callable[[], Awaitable[Any]]:
+        request = publisher_pb2.ListEventsRequest(subscriber_id=subscriber_id, cursor=cursor)
+        return lambda: stub.ListEvents(request, metadata=auth)
+
+    await _check(
+        {
+            "largest": (page(str(2**63 - 1)), ""),
+            "2**63": (page(str(2**63)), "cursor"),
+            "25 digits": (page("9" * 25), "cursor"),
+            "5000 digits": (page("9" * 5000), "cursor"),
+        }
+    )
+
+
+async def test_a_refused_emit_among_concurrent_ones_fails_alone(
+    open_publisher: OpenPublisher,
+) -> None:
+    """Twenty good emits racing one whose content type is too long all succeed; only it fails."""
+    stub = (await open_publisher()).stub
+    good = publisher_pb2.EmitRequest(type="order.paid", payload=b"{}")
+    bad = publisher_pb2.EmitRequest(type="order.paid", payload=b"x", content_type="t/" + "a" * 300)
+    requests = [good] * 10 + [bad] + [good] * 10
+    outcomes = await asyncio.gather(*(_outcome(_call(stub.Emit, r)) for r in requests))
+    assert outcomes == ["OK"] * 10 + ["INVALID_ARGUMENT content_type"] + ["OK"] * 10
