@@ -118,12 +118,12 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         issuer=args.name,
         delivery_timeout=_positive(p, args.delivery_timeout, "--delivery-timeout"),
         connect_timeout=_positive(p, args.connect_timeout, "--connect-timeout"),
-        max_payload_bytes=int(_positive(p, args.max_payload_bytes, "--max-payload-bytes")),
-        max_in_flight=int(_positive(p, args.max_in_flight, "--max-in-flight")),
-        max_in_flight_per_subscriber=int(
-            _non_negative(p, args.max_in_flight_per_subscriber, "--max-in-flight-per-subscriber")
+        max_payload_bytes=_positive_count(p, args.max_payload_bytes, "--max-payload-bytes"),
+        max_in_flight=_positive_count(p, args.max_in_flight, "--max-in-flight"),
+        max_in_flight_per_subscriber=_count(
+            p, args.max_in_flight_per_subscriber, "--max-in-flight-per-subscriber"
         ),
-        claim_batch=int(_positive(p, args.claim_batch, "--claim-batch")),
+        claim_batch=_positive_count(p, args.claim_batch, "--claim-batch"),
         delivery_workers=_workers(p, args.delivery_workers),
         allow_cidrs=cidrs,
         smtp=_smtp(p, args),
@@ -140,7 +140,7 @@ def _smtp(p: argparse.ArgumentParser, args: argparse.Namespace) -> mailer.SmtpSe
     try:
         return mailer.SmtpSettings(
             host=args.smtp_host,
-            port=int(_positive(p, args.smtp_port, "--smtp-port")),
+            port=_positive_count(p, args.smtp_port, "--smtp-port"),
             sender=args.smtp_from,
             operator_email=args.operator_email,
             security=args.smtp_security,
@@ -152,9 +152,25 @@ def _smtp(p: argparse.ArgumentParser, args: argparse.Namespace) -> mailer.SmtpSe
 
 
 def _workers(p: argparse.ArgumentParser, value: str) -> int:
-    number = _non_negative(p, value, "--delivery-workers")
-    if number != int(number) or number > MAX_DELIVERY_WORKERS:
+    number = _count(p, value, "--delivery-workers")
+    if number > MAX_DELIVERY_WORKERS:
         p.error(f"--delivery-workers: a whole number from 0 to {MAX_DELIVERY_WORKERS}")
+    return number
+
+
+def _positive_count(p: argparse.ArgumentParser, value: str, flag: str) -> int:
+    number = _count(p, value, flag)
+    if number == 0:
+        p.error(f"{flag}: must be positive")
+    return number
+
+
+def _count(p: argparse.ArgumentParser, value: str, flag: str) -> int:
+    """A whole number, 0 or more; written as a float ("1e3") is fine, a fraction is not:
+    cutting 0.5 down to 0 would turn a typo into a publisher that never claims."""
+    number = _non_negative(p, value, flag)
+    if number != int(number):
+        p.error(f"{flag}: must be a whole number, not {value!r}")
     return int(number)
 
 

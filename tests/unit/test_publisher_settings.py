@@ -55,6 +55,16 @@ def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
         (["--retention", "-1"], "--retention"),
         (["--delivery-workers", "1.5"], "--delivery-workers"),
         (["--delivery-workers", "65"], "--delivery-workers"),
+        # Integer flags take whole numbers: int() would cut a fraction down, 0.5 to 0.
+        (["--claim-batch", "0.5"], "--claim-batch"),
+        (["--max-in-flight", "0.5"], "--max-in-flight"),
+        (["--max-in-flight", "2.5"], "--max-in-flight"),
+        (["--max-payload-bytes", "0.5"], "--max-payload-bytes"),
+        (["--max-in-flight-per-subscriber", "1.5"], "--max-in-flight-per-subscriber"),
+        (["--smtp-port", "25.5"], "--smtp-port"),
+        (["--smtp-port", "0.5"], "--smtp-port"),
+        (["--operator-email", "a@example.com, b@example.com"], "operator_email"),
+        (["--operator-email", 'ops"@example.com'], "operator_email"),
     ],
 )
 def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(
@@ -64,4 +74,19 @@ def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(
         settings.parse(argv)
     assert stopped.value.code != 0
     message = capsys.readouterr().err + str(stopped.value.code)
-    assert flag in message
+    # "flag:" as the error says it; the usage line names every flag without a colon.
+    assert f"{flag}:" in message
+
+
+def test_integer_flags_take_whole_numbers_however_written() -> None:
+    """A whole number written as a float is the number; only a fraction is refused."""
+    parsed = settings.parse(["--claim-batch", "1e3", "--max-in-flight", "8.0", "--smtp-port", "25"])
+    assert (parsed.claim_batch, parsed.max_in_flight, parsed.smtp.port) == (1000, 8, 25)
+    assert isinstance(parsed.claim_batch, int)
+
+
+def test_an_operator_address_on_a_local_host_is_accepted() -> None:
+    """Unlike a subscriber's contact, the operators' address may be on a host without a dot."""
+    assert settings.parse(["--operator-email", "ops@localhost"]).smtp.operator_email == (
+        "ops@localhost"
+    )
