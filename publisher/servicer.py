@@ -97,39 +97,50 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.UpdateSubscriberResponse:
         subscriber_id = validation.required_id(request.subscriber.id, "subscriber.id")
         paths = validation.update_paths(request.update_mask.paths)
-        current = await self._store.get_subscriber(subscriber_id)
-        given, now = request.subscriber, _subscriber(current)
+        given = request.subscriber
 
-        def field(name: str) -> Any:
-            # From the request when the mask names it, else as it is now.
-            return getattr(given if name in paths else now, name)
+        def change(
+            current: model.Subscriber,
+        ) -> tuple[model.SubscriberSpec, model.SubscriberState, str]:
+            """The fields the mask names from the request, the rest as they are now."""
+            now = _subscriber(current)
 
-        spec = validation.subscriber_spec(
-            name=field("name"),
-            endpoint=field("endpoint"),
-            protocol=field("protocol"),
-            event_types=field("event_types"),
-            retry_schedule=field("retry_schedule"),
-            contact_email=field("contact_email"),
-            body_format=field("body_format"),
-            status_url=field("status_url"),
-            max_in_flight=field("max_in_flight"),
-        )
-        state, reason = current.state, current.state_reason
-        if "state" in paths:
+            def field(name: str) -> Any:
+                return getattr(given if name in paths else now, name)
+
+            spec = validation.subscriber_spec(
+                name=field("name"),
+                endpoint=field("endpoint"),
+                protocol=field("protocol"),
+                event_types=field("event_types"),
+                retry_schedule=field("retry_schedule"),
+                contact_email=field("contact_email"),
+                body_format=field("body_format"),
+                status_url=field("status_url"),
+                max_in_flight=field("max_in_flight"),
+            )
+            if "state" not in paths:
+                return spec, current.state, current.state_reason
             state = validation.subscriber_state(given.state)
             reason = (
                 "" if state == model.SubscriberState.ACTIVE else f"set to {state} by an operator"
             )
+            return spec, state, reason
+
+        # The reachability check looks names up, which cannot wait inside the store's
+        # transaction: it checks the change as it applies to the subscriber read here. The
+        # store then applies the change to the subscriber as it is in its transaction.
+        current = await self._store.get_subscriber(subscriber_id)
+        spec, _, _ = change(current)
         if spec.endpoint != current.spec.endpoint or spec.status_url != current.spec.status_url:
             await self._check_reachable(spec)
-        updated = await self._store.update_subscriber(subscriber_id, spec, state, reason)
+        updated = await self._store.edit_subscriber(subscriber_id, change)
         log.event(
             logger,
             "subscriber_updated",
             subscriber_id=subscriber_id,
             fields=sorted(paths),
-            state=state.value,
+            state=updated.state.value,
         )
         return publisher_pb2.UpdateSubscriberResponse(subscriber=_subscriber(updated))
 

@@ -105,6 +105,10 @@ class Taker(Protocol):
         ...
 
 
+# An edit of a subscriber: from the subscriber as it is, its new spec, state and reason.
+Edit = Callable[[model.Subscriber], tuple[model.SubscriberSpec, model.SubscriberState, str]]
+
+
 class Store:
     def __init__(self, engine: AsyncEngine, *, now: Callable[[], float] = time.time) -> None:
         self._engine = engine
@@ -230,10 +234,21 @@ class Store:
         state_reason: str,
     ) -> model.Subscriber:
         """Replaces the spec and state; deliveries wait while it is not active."""
+        return await self.edit_subscriber(subscriber_id, lambda _: (spec, state, state_reason))
+
+    async def edit_subscriber(self, subscriber_id: str, change: Edit) -> model.Subscriber:
+        """Applies ``change`` to the subscriber as it is now, in one transaction.
+
+        ``change`` gets the subscriber read with its row locked, so that what it
+        keeps (the fields an update does not name, a state set by an automatic
+        disable) cannot be overwritten by a concurrent update of other fields.
+        What it raises (InvalidArgument) rolls everything back.
+        """
         now = self._now()
 
         def work(conn: Connection) -> tuple[model.Subscriber, bool]:
-            current = _load_subscriber(conn, subscriber_id)
+            current = _load_subscriber(conn, subscriber_id, for_update=True)
+            spec, state, state_reason = change(current)
             reactivated = state == model.SubscriberState.ACTIVE != current.state
             # What the caller does not set stays: the secrets (a rotation's previous one
             # keeps signing until it expires) and the failure record.
@@ -1165,8 +1180,14 @@ def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> N
         _set_hold(conn, subscriber_id, hold=True)
 
 
-def _load_subscriber(conn: Connection, subscriber_id: str) -> model.Subscriber:
+def _load_subscriber(
+    conn: Connection, subscriber_id: str, *, for_update: bool = False
+) -> model.Subscriber:
     query = subscribers.select().where(subscribers.c.id == subscriber_id)
+    if for_update:
+        # PostgreSQL: a concurrent change commits first and is read here, not overwritten.
+        # SQLite's transactions take the write lock up front, so this changes nothing there.
+        query = query.with_for_update()
     row = conn.execute(query).first()
     if row is None:
         raise errors.NotFound(f"subscriber_id: no subscriber {subscriber_id!r}")
