@@ -247,6 +247,7 @@ class Store:
         now = self._now()
 
         def work(conn: Connection) -> tuple[model.Subscriber, bool]:
+            _lock_audience(conn, exclusive=True)
             current = _load_subscriber(conn, subscriber_id, for_update=True)
             spec, state, state_reason = change(current)
             reactivated = state == model.SubscriberState.ACTIVE != current.state
@@ -354,6 +355,7 @@ class Store:
             known = _known_keys(conn, keys)
         # Paused and disabled subscribers get their deliveries too, held until they are
         # active again: nothing they were meant to get is lost while they are off.
+        _lock_audience(conn, exclusive=False)
         audience = [_subscriber(row) for row in statements.AUDIENCE.fetch(conn)]
         event_rows: list[dict[str, Any]] = []
         delivery_rows: list[dict[str, Any]] = []
@@ -434,6 +436,7 @@ class Store:
         now = self._now()
 
         def work(conn: Connection) -> model.Delivery:
+            _lock_audience(conn, exclusive=False)
             current = _load_delivery(conn, delivery_id)
             subscriber = _load_subscriber(conn, current.subscriber_id)
             active = subscriber.state == model.SubscriberState.ACTIVE
@@ -589,7 +592,13 @@ class Store:
         ]
         healthy, failing = _health(batch)
 
+        disabling = any(record.disable_reason for record in batch)
+
         def write(conn: Connection) -> None:
+            if disabling:
+                # Before the rows below are locked: a Redeliver holding the lock shared
+                # may be waiting for one of them.
+                _lock_audience(conn, exclusive=True)
             statements.LOG_ATTEMPT.execute(conn, params)
             statements.SETTLE.execute(conn, params)
             if healthy:
@@ -691,6 +700,7 @@ class Store:
         )
 
         def work(conn: Connection) -> int:
+            _lock_audience(conn, exclusive=False)
             if subscriber_id:
                 _load_subscriber(conn, subscriber_id)
             found = conn.execute(query)
@@ -877,6 +887,24 @@ def _after_commit(hand_over: Callable[..., None], *args: Any) -> None:
         hand_over(*args)
     except Exception:
         logger.exception("handing over after an emit's commit failed")
+
+
+# PostgreSQL: writes that decide from subscribers' states whether a delivery is pending or
+# held (emits, Redeliver, Replay) take this lock shared, and changes of a subscriber's state
+# take it exclusive, at the start of their transactions. Under READ COMMITTED an emit could
+# otherwise read a subscriber as paused, a resume commit (releasing what was held), and the
+# emit then insert a held delivery for an active subscriber, held until its next pause and
+# resume; or the other way round, a pending one for a paused subscriber. Emits do not wait
+# for each other. The key is "whaudien" in ASCII, used for nothing else.
+AUDIENCE_LOCK_KEY = 0x7768_6175_6469_656E
+_LOCK_AUDIENCE_SHARED = sa.select(sa.func.pg_advisory_xact_lock_shared(AUDIENCE_LOCK_KEY))
+_LOCK_AUDIENCE = sa.select(sa.func.pg_advisory_xact_lock(AUDIENCE_LOCK_KEY))
+
+
+def _lock_audience(conn: Connection, *, exclusive: bool) -> None:
+    """See AUDIENCE_LOCK_KEY; SQLite's transactions run one at a time and need no lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_AUDIENCE if exclusive else _LOCK_AUDIENCE_SHARED)
 
 
 def _due_again(now: float) -> sa.ColumnElement[float]:
@@ -1168,6 +1196,7 @@ def _set_hold(
 
 
 def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> None:
+    _lock_audience(conn, exclusive=True)
     result = conn.execute(
         subscribers.update()
         .where(
