@@ -304,6 +304,14 @@ _STILL_LEASED = (
     deliveries.c.lease_owner == sa.bindparam("b_owner", type_=sa.String),
 )
 
+# PostgreSQL: the rows of the deliveries b_ids (a list) locked, in the order given.
+LOCK_DELIVERIES = (
+    sa.select(deliveries.c.id)
+    .where(deliveries.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+    .order_by(deliveries.c.id)
+    .with_for_update()
+)
+
 LOG_ATTEMPT = Prepared(
     attempts.insert().from_select(
         ["delivery_id", "number", "started_at", "duration", "outcome", "status_code", "error"],

@@ -593,12 +593,19 @@ class Store:
         healthy, failing = _health(batch)
 
         disabling = any(record.disable_reason for record in batch)
+        recorded_ids = {record.delivery_id for record in batch}
 
         def write(conn: Connection) -> None:
             if disabling:
                 # Before the rows below are locked: a Redeliver holding the lock shared
                 # may be waiting for one of them.
                 _lock_audience(conn, exclusive=True)
+            if self._postgres:
+                # LOG_ATTEMPT checks the fence without locking the row: a claim by another
+                # replica committing meanwhile would get the attempt logged and SETTLE then
+                # fenced off. Locked first (in id order in every batch), both statements
+                # see the row as the last committed writer left it.
+                conn.execute(statements.LOCK_DELIVERIES, {"b_ids": sorted(recorded_ids)})
             statements.LOG_ATTEMPT.execute(conn, params)
             statements.SETTLE.execute(conn, params)
             if healthy:

@@ -3,13 +3,18 @@ recorded together (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
+import pytest
+import sqlalchemy as sa
+
 from common import signing
 from publisher import model
+from publisher.schema import deliveries
 from publisher.store import Store
-from tests.support import attempt_record, store_subscriber_spec
+from tests.support import attempt_record, eventually, store_subscriber_spec
 
 PENDING = model.DeliveryState.PENDING
 HELD = model.DeliveryState.HELD
@@ -73,3 +78,37 @@ async def test_a_batch_of_outcomes_writes_each_behind_its_own_fence(store: Store
     await store.record([dataclasses.replace(r, owner="replica") for r in fenced])
     for record in fenced:
         assert (await store.get_delivery(record.delivery_id)).state == DELIVERED
+
+
+async def test_an_outcome_whose_lease_is_being_taken_is_neither_logged_nor_settled(
+    store: Store,
+) -> None:
+    """PostgreSQL: another replica's claim of a delivery whose lease ran out is not yet
+    committed when this one records its outcome. The record waits for it, and then neither
+    logs the attempt nor settles the delivery: the log never shows an outcome that lost."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+    (claim,) = await store.claim("replica", 10, lease_seconds=60.0)
+    async with store.engine.connect() as other:
+        await other.execute(
+            deliveries.update()
+            .where(deliveries.c.id == claim.delivery_id)
+            .values(attempts=deliveries.c.attempts + 1, lease_owner="other-replica")
+        )  # Not committed yet: the row stays locked.
+        recording = asyncio.create_task(store.record([attempt_record(claim)]))
+        await eventually(lambda: lock_awaited(store), what="the record waiting on the row")
+        await other.commit()
+    await recording
+
+    delivery = await store.get_delivery(claim.delivery_id)
+    assert delivery.state == PENDING
+    assert delivery.attempts == 2
+    assert delivery.log == ()
+
+
+async def lock_awaited(store: Store) -> bool:
+    async with store.engine.connect() as conn:
+        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+    return bool(waiting)
