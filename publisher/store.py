@@ -396,6 +396,7 @@ class Store:
                 # A repeated key later in the same batch gets this event too.
                 known[event.idempotency_key] = model.EmitResult(event_id, count, duplicate=True)
         if event_rows:
+            _lock_feed(conn)
             statements.INSERT_EVENTS.execute(conn, event_rows)
         if delivery_rows:
             statements.INSERT_DELIVERIES.execute(conn, delivery_rows)
@@ -906,6 +907,22 @@ def _after_commit(hand_over: Callable[..., None], *args: Any) -> None:
 AUDIENCE_LOCK_KEY = 0x7768_6175_6469_656E
 _LOCK_AUDIENCE_SHARED = sa.select(sa.func.pg_advisory_xact_lock_shared(AUDIENCE_LOCK_KEY))
 _LOCK_AUDIENCE = sa.select(sa.func.pg_advisory_xact_lock(AUDIENCE_LOCK_KEY))
+
+
+# PostgreSQL: emits number their events (events.seq) one transaction at a time, holding this
+# lock from their insert to their commit. The catch-up feed pages by seq, so numbers must
+# become visible in order: if a transaction that drew seq 5 committed after one that drew
+# seq 6 and a reader had moved its cursor to 6 between the two, it would never see 5. The
+# lock is held only for the inserts and the commit, and group commit puts many events in
+# each transaction. The key is "whfeedsq" in ASCII.
+FEED_LOCK_KEY = 0x7768_6665_6564_7371
+_LOCK_FEED = sa.select(sa.func.pg_advisory_xact_lock(FEED_LOCK_KEY))
+
+
+def _lock_feed(conn: Connection) -> None:
+    """See FEED_LOCK_KEY; SQLite's transactions run one at a time and need no lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_FEED)
 
 
 def _lock_audience(conn: Connection, *, exclusive: bool) -> None:

@@ -1,0 +1,117 @@
+"""Emits on PostgreSQL, side by side with what decides their deliveries and numbers.
+
+An emit writes each delivery pending or held by its subscriber's state as the emit reads
+it: a resume committed between that read and the emit's commit would miss the emit's held
+deliveries, and an active subscriber would keep a held delivery that nothing claims
+(store.AUDIENCE_LOCK_KEY). And an emit numbers its events for the catch-up feed: numbers
+that became visible out of order would let a reader's cursor pass one that commits later
+(store.FEED_LOCK_KEY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from common import db, signing
+from publisher import model, statements
+from publisher import store as store_module
+from publisher.schema import deliveries, events
+from publisher.store import Store
+from tests.support import eventually, store_subscriber_spec
+
+ACTIVE = model.SubscriberState.ACTIVE
+PAUSED = model.SubscriberState.PAUSED
+# How long the emit waits, after reading the audience, for the resume to commit: with the
+# lock the resume cannot commit until the emit does, so this only bounds the test's time.
+RESUME_WAIT_SECONDS = 2.0
+
+
+async def test_a_resume_while_an_event_is_emitted_leaves_nothing_held(
+    store: Store, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    subscriber = await store.create_subscriber(
+        store_subscriber_spec("a", "a.*"), signing.generate_secret()
+    )
+    await store.update_subscriber(subscriber.id, subscriber.spec, PAUSED, "on holiday")
+
+    def resume_from_another_replica() -> None:
+        async def resume() -> None:
+            other = Store(db.create_engine(database_url))
+            try:
+                await other.update_subscriber(subscriber.id, subscriber.spec, ACTIVE, "")
+            finally:
+                await other.close()
+
+        asyncio.run(resume())
+
+    resuming = threading.Thread(target=resume_from_another_replica)
+    read_audience = statements.AUDIENCE.fetch
+
+    def read_then_let_a_resume_in(conn: Any) -> Any:
+        rows = read_audience(conn)
+        resuming.start()
+        resuming.join(RESUME_WAIT_SECONDS)
+        return rows
+
+    monkeypatch.setattr(statements.AUDIENCE, "fetch", read_then_let_a_resume_in)
+    (emitted,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+    monkeypatch.undo()
+    await asyncio.to_thread(resuming.join)
+
+    assert (await store.get_subscriber(subscriber.id)).state == ACTIVE
+    (delivery,) = await store.list_deliveries(
+        model.DeliveryFilter(event_id=emitted.event_id), 10, ""
+    )
+    assert delivery.state == model.DeliveryState.PENDING
+    assert [claim.delivery_id for claim in await store.claim("replica", 10, 60.0)] == [delivery.id]
+
+
+async def test_an_event_numbered_first_is_never_passed_by_the_feed_while_it_commits(
+    store: Store,
+) -> None:
+    """One emit has numbered its event and not committed; a second emit waits for it rather
+    than commit a higher number first, so a reader meanwhile sees neither, and then both in
+    order."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    subscriber = await store.create_subscriber(
+        store_subscriber_spec("a", "a.*"), signing.generate_secret()
+    )
+    async with store.engine.connect() as first:
+        # What an emit does up to its commit, with the store's own lock.
+        await first.run_sync(store_module._lock_feed)
+        await first.execute(
+            events.insert().values(
+                id="evt_first", type="a.x", payload=b"{}", content_type="application/json",
+                created_at=1.0,
+            )
+        )  # fmt: skip
+        await first.execute(
+            deliveries.insert().values(
+                store_module._new_delivery("evt_first", subscriber.id, True, 1.0)
+            )
+        )
+        second = asyncio.create_task(
+            store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+        )
+        await eventually(lambda: lock_awaited(store), what="the second emit waiting its turn")
+        seen, cursor = await store.events_for(subscriber.id, 0, 10)
+        assert seen == []
+        await first.commit()
+    (emitted,) = await second
+
+    found, _ = await store.events_for(subscriber.id, cursor, 10)
+    assert [event.id for event in found] == ["evt_first", emitted.event_id]
+
+
+async def lock_awaited(store: Store) -> bool:
+    async with store.engine.connect() as conn:
+        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+    return bool(waiting)
