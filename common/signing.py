@@ -1,4 +1,4 @@
-"""Secrets and signatures: the delivery JWT and Standard Webhooks headers.
+"""Secrets and signatures: the delivery and status JWTs and Standard Webhooks headers.
 
 A subscriber secret is ``whsec_`` + base64 of random bytes. Both signatures are
 keyed with the decoded bytes, so anyone holding the secret can verify with a
@@ -34,6 +34,8 @@ JWT_ALGORITHM = "HS256"
 JWT_LIFETIME_SECONDS = 300
 # How far clocks of publisher and subscriber may disagree.
 CLOCK_LEEWAY_SECONDS = 60
+# What a status question's token says it is for, in its "purpose" claim.
+STATUS_PURPOSE = "status"
 
 
 def generate_secret() -> str:
@@ -137,6 +139,11 @@ def _base64url(data: bytes) -> str:
 _JWT_HEADER = _base64url(b'{"alg":"HS256","typ":"JWT"}')
 
 
+# The claims every delivery and status token carries.
+_COMMON_CLAIMS = ("iss", "aud", "iat", "exp", "jti", "event_id")
+_EMPTY_BODY_SHA256 = body_sha256(b"")
+
+
 def verify_delivery(
     token: str, keys: Sequence[bytes], *, audience: str | None, payload: bytes
 ) -> DeliveryClaims:
@@ -144,17 +151,88 @@ def verify_delivery(
 
     Only HS256 is accepted (never ``none`` or an algorithm the token picks), the
     expiry and issue time are required, the audience is checked when one is
-    configured, and the body hash must match the payload actually received.
+    configured, and the body hash must match the payload actually received. A
+    status question's token is refused: taken for an empty delivery of its event,
+    it would pre-empt the real one.
     """
-    options: Mapping[str, Any] = {
-        "require": ["iss", "aud", "iat", "exp", "jti", "event_id", "body_sha256"],
-        "verify_aud": audience is not None,
+    claims = _decode(token, keys, audience=audience, require=_COMMON_CLAIMS)
+    if "purpose" in claims:
+        raise errors.Unauthenticated(
+            f"invalid token: its purpose is {claims['purpose']!r}; a delivery token has none"
+        )
+    if "body_sha256" not in claims:
+        raise errors.Unauthenticated('invalid token: Token is missing the "body_sha256" claim')
+    if not hmac.compare_digest(str(claims["body_sha256"]), body_sha256(payload)):
+        raise errors.Unauthenticated("invalid token: body_sha256 does not match the payload")
+    return DeliveryClaims(
+        issuer=str(claims["iss"]),
+        audience=str(claims["aud"]),
+        event_id=str(claims["event_id"]),
+        event_type=str(claims.get("event_type", "")),
+        attempt=int(claims.get("attempt", 0)),
+        body_sha256=str(claims["body_sha256"]),
+        jti=str(claims["jti"]),
+    )
+
+
+def sign_status(key: bytes, *, issuer: str, audience: str, event_id: str, now: float) -> str:
+    """The token of a status question: "do you have ``event_id``?".
+
+    It says so in ``purpose`` and carries no ``body_sha256``, so that no receiver
+    that checks the body hash, as every delivery verifier must, can take a
+    captured question for an empty delivery of the event.
+    """
+    claims = {
+        "iss": issuer,
+        "aud": audience,
+        **_lifetime(now),
+        "event_id": event_id,
+        "purpose": STATUS_PURPOSE,
     }
+    return _encode(claims, key)
+
+
+def verify_status(
+    token: str, keys: Sequence[bytes], *, audience: str | None, event_id: str
+) -> None:
+    """Raises Unauthenticated unless ``token`` asks about ``event_id``, signed by one of ``keys``.
+
+    Publishers from before status tokens asked with a delivery token over an
+    empty body, and that is still accepted here: it opens nothing a delivery
+    token does not (whether the event arrived), while refusing it would leave
+    their questions unanswered, so they would resend blind and dead-letter
+    deliveries that had arrived.
+    """
+    claims = _decode(token, keys, audience=audience, require=_COMMON_CLAIMS)
+    purpose = claims.get("purpose")
+    if purpose is None:
+        if not hmac.compare_digest(str(claims.get("body_sha256", "")), _EMPTY_BODY_SHA256):
+            raise errors.Unauthenticated(
+                f"invalid token: not for a status question (purpose {STATUS_PURPOSE!r}) "
+                "nor a delivery token with the body_sha256 of an empty body"
+            )
+    elif purpose != STATUS_PURPOSE:
+        raise errors.Unauthenticated(
+            f"invalid token: its purpose is {purpose!r}, not {STATUS_PURPOSE!r}"
+        )
+    if claims["event_id"] != event_id:
+        raise errors.Unauthenticated(f"token is for event {claims['event_id']!r}, not {event_id!r}")
+
+
+def _decode(
+    token: str, keys: Sequence[bytes], *, audience: str | None, require: Sequence[str]
+) -> dict[str, Any]:
+    """The claims of an HS256 token signed by any of ``keys``; Unauthenticated says why not."""
+    if not token.isascii():
+        # A JWT is ASCII. Undecodable header bytes arrive as lone surrogates, on which
+        # PyJWT fails with UnicodeEncodeError rather than one of its own errors.
+        raise errors.Unauthenticated("invalid token: it is not ASCII")
+    options: Mapping[str, Any] = {"require": list(require), "verify_aud": audience is not None}
     last_error: Exception | None = None
     for key in keys:
         try:
             with _short_key_allowed(key):
-                claims = jwt.decode(
+                claims: dict[str, Any] = jwt.decode(
                     token,
                     key,
                     algorithms=[JWT_ALGORITHM],
@@ -167,17 +245,7 @@ def verify_delivery(
             continue
         except jwt.PyJWTError as error:
             raise errors.Unauthenticated(f"invalid token: {error}") from None
-        if not hmac.compare_digest(str(claims["body_sha256"]), body_sha256(payload)):
-            raise errors.Unauthenticated("invalid token: body_sha256 does not match the payload")
-        return DeliveryClaims(
-            issuer=str(claims["iss"]),
-            audience=str(claims["aud"]),
-            event_id=str(claims["event_id"]),
-            event_type=str(claims.get("event_type", "")),
-            attempt=int(claims.get("attempt", 0)),
-            body_sha256=str(claims["body_sha256"]),
-            jti=str(claims["jti"]),
-        )
+        return claims
     raise errors.Unauthenticated(f"invalid token: {last_error or 'no secret configured'}")
 
 
@@ -200,18 +268,7 @@ def sign_catch_up(key: bytes, *, subscriber_id: str, audience: str, now: float) 
 
 def verify_catch_up(token: str, key: bytes, *, subscriber_id: str, audience: str) -> None:
     """Raises Unauthenticated unless the token is ``subscriber_id``'s, for this publisher."""
-    try:
-        with _short_key_allowed(key):
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[JWT_ALGORITHM],
-                audience=audience,
-                options={"require": ["sub", "aud", "iat", "exp"]},
-                leeway=CLOCK_LEEWAY_SECONDS,
-            )
-    except jwt.PyJWTError as error:
-        raise errors.Unauthenticated(f"invalid token: {error}") from None
+    claims = _decode(token, [key], audience=audience, require=("sub", "aud", "iat", "exp"))
     if claims["sub"] != subscriber_id:
         raise errors.Unauthenticated("invalid token: it was issued for another subscriber")
 
@@ -241,7 +298,13 @@ def verify_standard(
     keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes, header: str
 ) -> None:
     """Raises Unauthenticated unless one of the header's v1 signatures matches one of ``keys``."""
-    offered = [part.removeprefix("v1,") for part in header.split() if part.startswith("v1,")]
+    # Signatures are base64: anything else cannot match, and hmac.compare_digest
+    # raises TypeError on a non-ASCII str instead of answering.
+    offered = [
+        part.removeprefix("v1,")
+        for part in header.split()
+        if part.startswith("v1,") and part.isascii()
+    ]
     for key in keys:
         expected = standard_signature(key, message_id, timestamp, body).removeprefix("v1,")
         if any(hmac.compare_digest(expected, candidate) for candidate in offered):

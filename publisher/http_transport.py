@@ -218,11 +218,11 @@ class HttpTransport:
         return bytes(body)
 
     async def status(self, attempt: tx.Attempt) -> tx.Receipt:
-        """GETs the subscriber's status URL, signed like a delivery over an empty body."""
+        """GETs the subscriber's status URL, signed with a status token for the event."""
         if not attempt.status_url:
             return tx.Receipt.UNANSWERED
         event_id = urllib.parse.quote(attempt.event_id, safe="")
-        authorization = tx.bearer(attempt, b"", self._now())
+        authorization = tx.status_bearer(attempt, self._now())
         try:
             url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
             if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
@@ -241,7 +241,15 @@ class HttpTransport:
                 if response.status != 200:
                     return tx.Receipt.UNANSWERED
                 answer = json.loads(await self._read_capped(response))
-        except (ssrf.Refused, ValueError, aiohttp.ClientError, OSError, TimeoutError):
+        # RecursionError: json.loads on a body nested deeper than the interpreter's stack.
+        except (
+            ssrf.Refused,
+            ValueError,
+            RecursionError,
+            aiohttp.ClientError,
+            OSError,
+            TimeoutError,
+        ):
             return tx.Receipt.UNANSWERED
         state = answer.get("state") if isinstance(answer, dict) else None
         return tx.receipt_of(state) if isinstance(state, str) else tx.Receipt.UNANSWERED

@@ -101,10 +101,7 @@ class Transport(Protocol):
 
 
 def bearer(attempt: Attempt, payload: bytes, now: float) -> str:
-    """The ``authorization`` value for an attempt: a JWT binding ``payload``.
-
-    Deliveries bind the event's payload; status questions bind an empty body.
-    """
+    """The ``authorization`` value of a delivery: a JWT binding the attempt and ``payload``."""
     token = signing.sign_delivery(
         attempt.keys[0],
         issuer=attempt.issuer,
@@ -113,6 +110,22 @@ def bearer(attempt: Attempt, payload: bytes, now: float) -> str:
         event_type=attempt.event_type,
         attempt=attempt.attempt,
         payload=payload,
+        now=now,
+    )
+    return f"Bearer {token}"
+
+
+def status_bearer(attempt: Attempt, now: float) -> str:
+    """The ``authorization`` value of a status question about ``attempt``'s event.
+
+    Not a delivery token: whoever sees the question must not be able to deliver
+    the event with it.
+    """
+    token = signing.sign_status(
+        attempt.keys[0],
+        issuer=attempt.issuer,
+        audience=attempt.subscriber_id,
+        event_id=attempt.event_id,
         now=now,
     )
     return f"Bearer {token}"

@@ -392,8 +392,8 @@ async def test_a_status_url_that_says_received_confirms_an_uncertain_attempt(
     [query] = receiver.status_queries()
     assert query.path == f"/status/{emitted.event_id}"
     claims = jwt_claims(query.headers, secret, registered.subscriber.id)
-    assert claims["event_id"] == emitted.event_id
-    assert claims["body_sha256"] == hashlib.sha256(b"").hexdigest()
+    assert (claims["event_id"], claims["purpose"]) == (emitted.event_id, "status")
+    assert "body_sha256" not in claims
 
 
 # -- 4: the SSRF guard -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from common import signing
+from common import errors, signing
 from publisher import http_transport, ssrf
 from publisher import transport as tx
 from tests.receiver import on_loopback
@@ -125,6 +125,8 @@ async def subscriber() -> AsyncIterator[Subscriber]:
     app.router.add_post("/ok", receiver.ok)
     app.router.add_post("/target", receiver.ok)
     app.router.add_post("/status/{code}", receiver.status)
+    # Status URLs: a status question is a GET, answered the same way.
+    app.router.add_get("/status/{code}", receiver.status)
     app.router.add_post("/hold", receiver.hold)
     app.router.add_post("/stream", receiver.stream)
     app.router.add_post("/hang-up", receiver.hang_up)
@@ -470,3 +472,47 @@ async def test_an_unguarded_transport_delivers_to_loopback(subscriber: Subscribe
         await sender.close()
 
     assert result.outcome is tx.Outcome.DELIVERED
+
+
+async def test_a_status_question_carries_a_status_token_that_cannot_pass_for_a_delivery(
+    subscriber: Subscriber, transport: http_transport.HttpTransport
+) -> None:
+    """The GET's JWT verifies with PyJWT and names the event with purpose "status" and no
+    body_sha256, so a subscriber cannot take it for an empty delivery of the event."""
+    attempt = make_attempt(
+        subscriber.url("/ok"), status_url=subscriber.url("/status/404?event={event_id}")
+    )
+
+    async with asyncio.timeout(DEADLINE):
+        receipt = await transport.status(attempt)
+
+    assert receipt is tx.Receipt.MISSING
+    [question] = subscriber.received
+    claims = decode_token(question)
+    assert (claims["event_id"], claims["purpose"]) == ("evt-1", "status")
+    assert "body_sha256" not in claims
+    with pytest.raises(errors.Unauthenticated, match="purpose is 'status'"):
+        signing.verify_delivery(
+            question.headers["authorization"].removeprefix("Bearer "),
+            [KEY],
+            audience=SUBSCRIBER_ID,
+            payload=b"",
+        )
+
+
+async def test_a_status_answer_nested_too_deep_to_parse_is_unanswered_not_raised(
+    subscriber: Subscriber, transport: http_transport.HttpTransport
+) -> None:
+    """A 200 whose body is 60,000 nested arrays (RecursionError in json.loads) is no answer:
+    status() never raises."""
+    attempt = make_attempt(
+        subscriber.url("/ok"),
+        status_url=subscriber.url("/status/200?body=%5B&repeat=60000&event={event_id}"),
+    )
+
+    async with asyncio.timeout(DEADLINE):
+        receipt = await transport.status(attempt)
+
+    assert receipt is tx.Receipt.UNANSWERED
+    [question] = subscriber.received
+    assert question.path == "/status/200"

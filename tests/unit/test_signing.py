@@ -358,3 +358,102 @@ def test_verify_standard_ignores_other_signature_versions(key: bytes) -> None:
     with pytest.raises(errors.Unauthenticated):
         signing.verify_standard([key], "msg_9", 1_700_000_000, PAYLOAD, v2)
     signing.verify_standard([key], "msg_9", 1_700_000_000, PAYLOAD, f"{v2} {v1}")
+
+
+# status tokens
+
+
+def _sign_status(key: bytes, *, event_id: str = "evt_1") -> str:
+    return signing.sign_status(
+        key, issuer=ISSUER, audience=AUDIENCE, event_id=event_id, now=time.time()
+    )
+
+
+def test_status_token_verifies_with_plain_pyjwt_and_says_it_is_a_status_question(
+    key: bytes,
+) -> None:
+    """A stock PyJWT decode accepts it; it names the event and its purpose and binds no body."""
+    claims = jwt.decode(_sign_status(key), key, algorithms=["HS256"], audience=AUDIENCE)
+    assert claims["iss"] == ISSUER
+    assert claims["event_id"] == "evt_1"
+    assert claims["purpose"] == "status"
+    assert claims["jti"]
+    assert "body_sha256" not in claims
+
+
+@pytest.mark.parametrize("payload", [b"", PAYLOAD])
+def test_verify_delivery_refuses_a_status_token_whatever_the_payload(
+    key: bytes, payload: bytes
+) -> None:
+    """A status question's token is not a delivery: it cannot record its event, empty or not."""
+    with pytest.raises(errors.Unauthenticated, match="purpose is 'status'"):
+        signing.verify_delivery(_sign_status(key), [key], audience=AUDIENCE, payload=payload)
+
+
+def test_a_status_token_without_its_purpose_claim_still_fails_as_a_delivery(key: bytes) -> None:
+    """Even a question stripped of "purpose" (by a key holder) binds no body, so it never verifies
+    as a delivery: the body hash is required."""
+    claims = jwt.decode(_sign_status(key), key, algorithms=["HS256"], audience=AUDIENCE)
+    del claims["purpose"]
+    token = jwt.encode(claims, key, algorithm="HS256")
+    with pytest.raises(errors.Unauthenticated, match="body_sha256"):
+        signing.verify_delivery(token, [key], audience=AUDIENCE, payload=b"")
+
+
+def test_verify_status_accepts_a_status_token_for_its_event_only(key: bytes) -> None:
+    """A status token opens the question about the event it names, and no other."""
+    signing.verify_status(_sign_status(key), [key], audience=AUDIENCE, event_id="evt_1")
+    with pytest.raises(errors.Unauthenticated, match="token is for event 'evt_1', not 'evt_2'"):
+        signing.verify_status(_sign_status(key), [key], audience=AUDIENCE, event_id="evt_2")
+
+
+def test_verify_status_accepts_an_older_publishers_delivery_token_over_an_empty_body(
+    key: bytes,
+) -> None:
+    """Publishers from before status tokens asked with a delivery token over b""; still answered."""
+    signing.verify_status(_sign(key, payload=b""), [key], audience=AUDIENCE, event_id="evt_1")
+
+
+def test_verify_status_refuses_a_delivery_token_over_a_payload(key: bytes) -> None:
+    """A captured delivery opens no status question: its body hash is not the empty body's."""
+    with pytest.raises(errors.Unauthenticated, match="body_sha256"):
+        signing.verify_status(_sign(key), [key], audience=AUDIENCE, event_id="evt_1")
+
+
+def test_verify_status_refuses_another_purpose_another_key_and_an_expired_token(
+    key: bytes, other_key: bytes
+) -> None:
+    """Only the status purpose, the subscriber's keys and a live token open a status question."""
+    claims = jwt.decode(_sign_status(key), key, algorithms=["HS256"], audience=AUDIENCE)
+    other_purpose = jwt.encode({**claims, "purpose": "catch-up"}, key, algorithm="HS256")
+    expired = jwt.encode(
+        {**claims, "iat": claims["iat"] - 3600, "exp": claims["exp"] - 3600}, key, algorithm="HS256"
+    )
+    for token, keys, reason in [
+        (other_purpose, [key], "purpose is 'catch-up', not 'status'"),
+        (_sign_status(other_key), [key], "Signature verification failed"),
+        (expired, [key], "expired"),
+    ]:
+        with pytest.raises(errors.Unauthenticated, match=reason):
+            signing.verify_status(token, keys, audience=AUDIENCE, event_id="evt_1")
+
+
+@pytest.mark.parametrize("token", ["a\udcff.b.c", "\u00e9.b.c"])
+def test_a_token_that_is_not_ascii_is_unauthenticated_not_a_crash(key: bytes, token: str) -> None:
+    """Undecodable header bytes (lone surrogates) or non-ASCII text fail verification with a
+    reason; PyJWT alone raises UnicodeEncodeError on the first."""
+    with pytest.raises(errors.Unauthenticated, match="not ASCII"):
+        signing.verify_delivery(token, [key], audience=AUDIENCE, payload=PAYLOAD)
+    with pytest.raises(errors.Unauthenticated, match="not ASCII"):
+        signing.verify_status(token, [key], audience=AUDIENCE, event_id="evt_1")
+    with pytest.raises(errors.Unauthenticated, match="not ASCII"):
+        signing.verify_catch_up(token, key, subscriber_id="sub_1", audience=AUDIENCE)
+
+
+def test_verify_standard_refuses_a_non_ascii_signature_with_a_reason(key: bytes) -> None:
+    """A webhook-signature with non-ASCII text is Unauthenticated; hmac.compare_digest alone
+    raises TypeError on it."""
+    genuine = signing.standard_signature(key, "msg_10", 1_700_000_000, PAYLOAD)
+    with pytest.raises(errors.Unauthenticated, match="no valid webhook-signature"):
+        signing.verify_standard([key], "msg_10", 1_700_000_000, PAYLOAD, "v1,\u00e9")
+    signing.verify_standard([key], "msg_10", 1_700_000_000, PAYLOAD, f"v1,\u00e9 {genuine}")

@@ -194,3 +194,51 @@ def test_status_query_needs_a_token_for_that_event_over_an_empty_payload() -> No
         checks.status_query(bearer("evt_1", b""), "evt_2")
     with pytest.raises(errors.Unauthenticated, match="body_sha256"):
         checks.status_query(bearer("evt_1", b"{}"), "evt_1")
+
+
+def status_bearer(event_id: str) -> str:
+    """A status question's token as the publisher makes it, made here with PyJWT."""
+    now = int(datetime.datetime.now(datetime.UTC).timestamp())
+    claims = {
+        "iss": "tests",
+        "aud": "sub_1",
+        "iat": now,
+        "exp": now + 300,
+        "jti": uuid.uuid4().hex,
+        "event_id": event_id,
+        "purpose": "status",
+    }
+    return "Bearer " + jwt.encode(claims, KEY, algorithm="HS256")
+
+
+def test_status_token_opens_its_status_query_but_is_no_delivery() -> None:
+    """A status token answers for its event, and is refused as an (empty) delivery of it."""
+    checks = make_verifier()
+
+    checks.status_query(status_bearer("evt_1"), "evt_1")
+    with pytest.raises(errors.Unauthenticated, match="purpose is 'status'"):
+        checks.delivery(status_bearer("evt_1"), b"")
+    with pytest.raises(errors.Unauthenticated, match="token is for event 'evt_1', not 'evt_2'"):
+        checks.status_query(status_bearer("evt_1"), "evt_2")
+
+
+def test_standard_webhook_timestamp_past_floats_range_is_invalid_argument() -> None:
+    """A timestamp of hundreds of digits is a malformed header, not an OverflowError."""
+    with pytest.raises(errors.InvalidArgument, match="webhook-timestamp: is out of range"):
+        make_verifier().standard("msg_1", "9" * 400, "v1,AAAA", b"{}")
+
+
+def test_standard_webhook_signature_with_non_ascii_text_is_unauthenticated() -> None:
+    """A signature that is not ASCII cannot match; it is refused, not a TypeError."""
+    with pytest.raises(errors.Unauthenticated, match="no valid webhook-signature"):
+        make_verifier().standard("msg_1", str(NOW), "v1,\u00e9", b"{}")
+
+
+def test_authorization_with_undecodable_bytes_is_unauthenticated_on_both_checks() -> None:
+    """Lone surrogates (undecodable header bytes) in the token are refused with a reason."""
+    checks = make_verifier()
+
+    with pytest.raises(errors.Unauthenticated, match="not ASCII"):
+        checks.delivery("Bearer a\udcff.b.c", b"{}")
+    with pytest.raises(errors.Unauthenticated, match="not ASCII"):
+        checks.status_query("Bearer a\udcff.b.c", "evt_1")
