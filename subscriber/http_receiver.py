@@ -2,9 +2,13 @@
 
 ``POST /webhooks`` takes the payload as the raw body (any content type) or as
 the ``payload`` field of an ``application/x-www-form-urlencoded`` body, signed
-with Standard Webhooks headers over the raw body, or with a delivery JWT over
-the payload, or both (then both must hold and agree). Events land in the same
-inbox as gRPC deliveries, so an event delivered both ways is recorded once.
+with a delivery JWT over the payload and, if present, Standard Webhooks headers
+over the raw body (then both must hold and agree). The JWT is required: the
+Standard signature covers only id, timestamp and body, so alone it would let
+whoever replays or rewrites a request choose the event type and, by switching
+the content type between form and raw, what counts as the payload. Events land
+in the same inbox as gRPC deliveries, so an event delivered both ways is
+recorded once.
 """
 
 from __future__ import annotations
@@ -86,32 +90,30 @@ class _Routes:
         payload, content_type = _payload(request, body)
         headers = request.headers
 
-        event_id: str | None = None
-        event_type = headers.get("webhook-event-type") or None
-        attempt = 0
+        standard_id: str | None = None
         signature = headers.get("webhook-signature")
         if signature is not None:
             self._checks.standard(
                 headers.get("webhook-id"), headers.get("webhook-timestamp"), signature, body
             )
-            event_id = headers["webhook-id"]
+            standard_id = headers["webhook-id"]
         authorization = headers.get("authorization")
-        if authorization is not None:
-            claims = self._checks.delivery(authorization, payload)
-            event_id = _agreed("event id", event_id, claims.event_id)
-            event_type = _agreed("event type", event_type, claims.event_type or None)
-            attempt = claims.attempt
-        if event_id is None:
+        if authorization is None:
             raise errors.Unauthenticated(
-                "unsigned: send webhook-id, webhook-timestamp and webhook-signature headers "
-                "or authorization: Bearer <token>"
+                "unsigned: authorization: Bearer <token> is required; webhook-signature alone "
+                "does not cover the event type nor the content type"
             )
+        claims = self._checks.delivery(authorization, payload)
+        if not claims.event_type:
+            raise errors.Unauthenticated(
+                "token has no event_type: the webhook-event-type header is not signed"
+            )
+        event_id = _agreed("event id", standard_id, claims.event_id)
+        event_type = _agreed(
+            "event type", headers.get("webhook-event-type") or None, claims.event_type
+        )
         if not event_id:
             raise errors.InvalidArgument("event id", "must not be empty")
-        if event_type is None:
-            raise errors.InvalidArgument(
-                "webhook-event-type", "header is required unless the token has event_type"
-            )
 
         entry = inbox.Entry(
             event_id=event_id,
@@ -121,7 +123,7 @@ class _Routes:
             created_at=None,
             # HTTP deliveries name the event, not the delivery.
             delivery_id="",
-            attempt=attempt,
+            attempt=claims.attempt,
         )
         try:
             is_new = await handlers.record_and_run(self._handler, self._store, entry)
@@ -176,8 +178,8 @@ def _form_fields(body: bytes) -> dict[str, list[bytes]]:
     return fields
 
 
-def _agreed(what: str, header_value: str | None, claim: str | None) -> str | None:
+def _agreed(what: str, header_value: str | None, claim: str) -> str:
     """The signed claim, which the header (if any) must not contradict."""
-    if header_value is not None and claim is not None and header_value != claim:
+    if header_value is not None and header_value != claim:
         raise errors.Unauthenticated(f"token {what} {claim!r} does not match {header_value!r}")
-    return claim if claim is not None else header_value
+    return claim
