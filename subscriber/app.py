@@ -34,6 +34,8 @@ class SubscriberApp:
         self._http: web.AppRunner | None = None
         self._health: grpc_server.Health | None = None
         self._catch_up: catch_up.CatchUp | None = None
+        # Set when stopping, so that no further unhandled event is taken up.
+        self._stopping = asyncio.Event()
 
     @property
     def inbox(self) -> inbox.Inbox:
@@ -60,6 +62,10 @@ class SubscriberApp:
         self._engine = db.create_engine(config.database_url)
         self._inbox = inbox.Inbox(self._engine)
         await self._inbox.start()
+        # Listed before anything can record an event, so that each of these is
+        # handled here and never also by the delivery that recorded it.
+        unhandled = await self._inbox.unhandled()
+        self._stopping.clear()
 
         self._server = grpc_server.create_server()
         subscriber_pb2_grpc.add_SubscriberServiceServicer_to_server(
@@ -100,6 +106,7 @@ class SubscriberApp:
                 handler=self._handler,
             )
             await self._catch_up.start()
+        handlers.resume(self._handler, self._inbox, unhandled, self._stopping)
 
         log.event(
             logger,
@@ -113,6 +120,7 @@ class SubscriberApp:
     async def stop(self) -> None:
         """Stops pulling, then taking calls; in-flight work gets the grace period; then flushes."""
         log.event(logger, "stopping", grace_seconds=grpc_server.GRACE_SECONDS)
+        self._stopping.set()
         if self._catch_up is not None:
             await self._catch_up.stop()
             self._catch_up = None

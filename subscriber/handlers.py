@@ -2,7 +2,10 @@
 
 A handler's failure is the subscriber's problem, not the publisher's: the
 delivery stays acknowledged and the event is marked failed for someone to look
-at, because a retry would only be absorbed as a duplicate.
+at, because a retry would only be absorbed as a duplicate. For the same reason
+an event whose handler never finished (a crash, or a stop that outlasted its
+grace period) is handled when the subscriber starts again: no redelivery would.
+A handler may therefore run twice for an event whose outcome was not recorded.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from common import log
 from subscriber import inbox
@@ -19,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[inbox.Entry], Awaitable[None]]
 
-# Record-and-handle runs that outlive the call that started them (see record_and_run).
-_in_flight: set[asyncio.Task[bool]] = set()
+# Record-and-handle runs that outlive the call that started them (see record_and_run),
+# and the handling of events left unhandled by an earlier process (see resume).
+_in_flight: set[asyncio.Task[object]] = set()
 
 
 async def log_event(entry: inbox.Entry) -> None:
@@ -62,6 +66,46 @@ async def _record_then_run(handler: Handler, store: inbox.Inbox, entry: inbox.En
     return is_new
 
 
+def resume(
+    handler: Handler, store: inbox.Inbox, event_ids: Sequence[str], stopping: asyncio.Event
+) -> None:
+    """Handles, one at a time and in order, events recorded earlier but left unhandled.
+
+    ``event_ids`` must be listed before anything can record events, so that none
+    of them is being handled by the call that recorded it; a redelivery of one
+    only counts as a duplicate. Once ``stopping`` is set no further event is
+    started: the rest stay "received" for the next start. ``drain`` waits for
+    the one being handled. Processes sharing one database would each take up
+    what another is still handling; the reference subscriber is one process.
+    """
+    if not event_ids:
+        return
+    task = asyncio.create_task(_resume(handler, store, event_ids, stopping), name="resume")
+    _in_flight.add(task)
+    task.add_done_callback(_in_flight.discard)
+
+
+async def _resume(
+    handler: Handler, store: inbox.Inbox, event_ids: Sequence[str], stopping: asyncio.Event
+) -> None:
+    log.event(logger, "resuming_unhandled", events=len(event_ids))
+    handled = taken = 0
+    try:
+        for event_id in event_ids:
+            if stopping.is_set():
+                break
+            taken += 1
+            entry = await store.unhandled_entry(event_id)
+            if entry is not None:
+                await run(handler, store, entry)
+                handled += 1
+    except Exception as error:
+        # The events left stay "received" and are taken up on the next start.
+        log.event(logger, "resume_failed", logging.ERROR, error=repr(error))
+        return
+    log.event(logger, "resumed_unhandled", handled=handled, left=len(event_ids) - taken)
+
+
 async def drain(grace: float) -> None:
     """Waits up to ``grace`` seconds for records and handlers still running."""
     if _in_flight:
@@ -69,7 +113,7 @@ async def drain(grace: float) -> None:
 
 
 async def run(handler: Handler, store: inbox.Inbox, entry: inbox.Entry) -> None:
-    """Runs ``handler`` on a newly recorded event and marks the outcome; raises no Exception."""
+    """Runs ``handler`` on a recorded event and marks the outcome; raises no Exception."""
     try:
         await handler(entry)
     except Exception as error:

@@ -57,6 +57,19 @@ table = sa.Table(
     sa.Column("last_attempt", sa.Integer, nullable=False),
 )
 
+# A literal, not a bound parameter: SQLite uses a partial index only for a query whose
+# WHERE repeats the index's own constant.
+_RECEIVED = table.c.state == sa.literal_column(f"'{State.RECEIVED.value}'")
+# Events recorded but not yet handled, oldest first: the few a restart must still handle.
+# Partial, so that it stays as small as that and finding them never scans the payloads.
+_unhandled_index = sa.Index(
+    "inbox_unhandled",
+    table.c.received_at,
+    table.c.event_id,
+    sqlite_where=_RECEIVED,
+    postgresql_where=_RECEIVED,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -137,6 +150,8 @@ class Inbox:
         """Creates the table if needed; the inbox then takes writes."""
         async with self._engine.begin() as connection:
             await connection.run_sync(metadata.create_all)
+            # create_all adds no index to a table that exists already.
+            await connection.run_sync(_unhandled_index.create, checkfirst=True)
         self._open = True
 
     async def stop(self) -> None:
@@ -169,6 +184,33 @@ class Inbox:
         if row is None:
             return None
         return Receipt(State(row.state), row.received_at, row.receive_count)
+
+    async def unhandled(self) -> list[str]:
+        """Ids of the events recorded but never marked handled, in the order they were recorded."""
+        query = (
+            sa.select(table.c.event_id)
+            .where(_RECEIVED)
+            .order_by(table.c.received_at, table.c.event_id)
+        )
+        async with self._engine.connect() as connection:
+            return list((await connection.execute(query)).scalars())
+
+    async def unhandled_entry(self, event_id: str) -> Entry | None:
+        """The event as last delivered, if it is still waiting for its handler."""
+        query = sa.select(table).where(table.c.event_id == event_id, _RECEIVED)
+        async with self._engine.connect() as connection:
+            row = (await connection.execute(query)).one_or_none()
+        if row is None:
+            return None
+        return Entry(
+            event_id=row.event_id,
+            event_type=row.event_type,
+            payload=row.payload,
+            content_type=row.content_type,
+            created_at=row.created_at,
+            delivery_id=row.last_delivery_id,
+            attempt=row.last_attempt,
+        )
 
     async def count(self) -> int:
         """Events recorded, which is the number of effects."""
