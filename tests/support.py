@@ -19,9 +19,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import jwt
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.gen.webhooks.v1 import publisher_pb2_grpc, subscriber_pb2, subscriber_pb2_grpc
 from publisher import model
+from publisher import transport as tx
 from publisher.app import PublisherApp
 from publisher.store import AttemptRecord
 
@@ -299,3 +302,39 @@ class Running:
 
 
 OpenPublisher = Callable[..., Awaitable[Running]]
+
+
+def make_attempt(
+    endpoint: str,
+    *,
+    key: bytes,
+    subscriber_id: str,
+    payload: bytes,
+    issuer: str = "publisher.test",
+    **changes: Any,
+) -> tx.Attempt:
+    """An attempt of event evt-1 (order.created) as the dispatcher hands it to a transport."""
+    fields: dict[str, Any] = {
+        "delivery_id": "dlv-1",
+        "attempt": 1,
+        "event_id": "evt-1",
+        "event_type": "order.created",
+        "payload": payload,
+        "content_type": "application/json",
+        "created_at": 1_700_000_000.0,
+        "subscriber_id": subscriber_id,
+        "endpoint": endpoint,
+        "body_format": "raw",
+        "keys": (key,),
+        "issuer": issuer,
+        "timeout": 5.0,
+    }
+    fields.update(changes)
+    return tx.Attempt(**fields)
+
+
+async def lock_awaited(engine: AsyncEngine) -> bool:
+    """PostgreSQL: whether some transaction is waiting for a lock."""
+    async with engine.connect() as conn:
+        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+    return bool(waiting)

@@ -15,14 +15,13 @@ import threading
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from common import db, signing
 from publisher import model, statements
 from publisher import store as store_module
 from publisher.schema import deliveries, events
 from publisher.store import Store
-from tests.support import eventually, store_subscriber_spec
+from tests.support import eventually, lock_awaited, store_subscriber_spec
 
 ACTIVE = model.SubscriberState.ACTIVE
 PAUSED = model.SubscriberState.PAUSED
@@ -101,7 +100,9 @@ async def test_an_event_numbered_first_is_never_passed_by_the_feed_while_it_comm
         second = asyncio.create_task(
             store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
         )
-        await eventually(lambda: lock_awaited(store), what="the second emit waiting its turn")
+        await eventually(
+            lambda: lock_awaited(store.engine), what="the second emit waiting its turn"
+        )
         seen, cursor = await store.events_for(subscriber.id, 0, 10)
         assert seen == []
         await first.commit()
@@ -109,9 +110,3 @@ async def test_an_event_numbered_first_is_never_passed_by_the_feed_while_it_comm
 
     found, _ = await store.events_for(subscriber.id, cursor, 10)
     assert [event.id for event in found] == ["evt_first", emitted.event_id]
-
-
-async def lock_awaited(store: Store) -> bool:
-    async with store.engine.connect() as conn:
-        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
-    return bool(waiting)

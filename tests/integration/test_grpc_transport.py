@@ -22,6 +22,7 @@ from common.gen.webhooks.v1 import subscriber_pb2, subscriber_pb2_grpc
 from publisher import grpc_transport
 from publisher import transport as tx
 from subscriber import app
+from tests import support
 from tests.subscriber_apps import Handled, SubscriberApps
 from tests.support import FakeSubscriber, eventually
 
@@ -37,23 +38,9 @@ T = TypeVar("T")
 
 
 def make_attempt(endpoint: str, **changes: Any) -> tx.Attempt:
-    fields: dict[str, Any] = {
-        "delivery_id": "dlv-1",
-        "attempt": 1,
-        "event_id": "evt-1",
-        "event_type": "order.created",
-        "payload": PAYLOAD,
-        "content_type": "application/json",
-        "created_at": 1_700_000_000.0,
-        "subscriber_id": SUBSCRIBER_ID,
-        "endpoint": endpoint,
-        "body_format": "raw",
-        "keys": (KEY,),
-        "issuer": ISSUER,
-        "timeout": 5.0,
-    }
-    fields.update(changes)
-    return tx.Attempt(**fields)
+    return support.make_attempt(
+        endpoint, key=KEY, subscriber_id=SUBSCRIBER_ID, payload=PAYLOAD, issuer=ISSUER, **changes
+    )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from common import errors, signing
 from publisher import http_transport, ssrf
 from publisher import transport as tx
+from tests import support
 from tests.receiver import on_loopback
 
 SECRET = signing.generate_secret()
@@ -144,23 +145,9 @@ async def transport() -> AsyncIterator[http_transport.HttpTransport]:
 
 
 def make_attempt(endpoint: str, **changes: Any) -> tx.Attempt:
-    fields: dict[str, Any] = {
-        "delivery_id": "dlv-1",
-        "attempt": 1,
-        "event_id": "evt-1",
-        "event_type": "order.created",
-        "payload": PAYLOAD,
-        "content_type": "application/json",
-        "created_at": 1_700_000_000.0,
-        "subscriber_id": SUBSCRIBER_ID,
-        "endpoint": endpoint,
-        "body_format": "raw",
-        "keys": (KEY,),
-        "issuer": ISSUER,
-        "timeout": 5.0,
-    }
-    fields.update(changes)
-    return tx.Attempt(**fields)
+    return support.make_attempt(
+        endpoint, key=KEY, subscriber_id=SUBSCRIBER_ID, payload=PAYLOAD, issuer=ISSUER, **changes
+    )
 
 
 async def send(sender: http_transport.HttpTransport, attempt: tx.Attempt) -> tx.Result:

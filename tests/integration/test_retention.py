@@ -18,7 +18,7 @@ from publisher import store as store_module
 from publisher.schema import attempts, deliveries, events
 from publisher.store import Store
 from tests.conftest import StartPublisher
-from tests.support import attempt_record, eventually, store_subscriber_spec
+from tests.support import attempt_record, eventually, lock_awaited, store_subscriber_spec
 
 T0 = 1_000_000.0
 
@@ -67,13 +67,6 @@ async def settle(store: Store, clock: Clock, state: model.DeliveryState) -> None
             next_attempt_at=clock.now + (3600 if state == model.DeliveryState.PENDING else 0),
         )
         await store.record([record])
-
-
-async def lock_awaited(store: Store) -> bool:
-    """PostgreSQL: whether some transaction is waiting for a lock."""
-    async with store.engine.connect() as conn:
-        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
-    return bool(waiting)
 
 
 async def count(store: Store, table: sa.Table) -> int:
@@ -229,7 +222,7 @@ async def test_an_event_redelivered_while_it_is_pruned_stays(store: Store, clock
             .values(state=model.DeliveryState.PENDING.value)
         )  # Not committed yet: its row lock is held.
         pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
-        await eventually(lambda: lock_awaited(store), what="the prune waiting on the lock")
+        await eventually(lambda: lock_awaited(store.engine), what="the prune waiting on the lock")
         await redeliver.commit()
     assert await pruning == 0
     assert (await store.get_event(event.event_id)).id == event.event_id
@@ -277,6 +270,6 @@ async def test_a_prune_counts_only_the_events_it_deleted(store: Store, clock: Cl
         for table in (attempts, deliveries, events):
             await other.execute(table.delete())  # Not committed yet: its row locks are held.
         pruning = asyncio.create_task(store.prune(before=T0 + 50, limit=10))
-        await eventually(lambda: lock_awaited(store), what="the prune waiting on the locks")
+        await eventually(lambda: lock_awaited(store.engine), what="the prune waiting on the locks")
         await other.commit()
     assert await pruning == 0

@@ -8,13 +8,12 @@ import dataclasses
 import time
 
 import pytest
-import sqlalchemy as sa
 
 from common import signing
 from publisher import model
 from publisher.schema import deliveries
 from publisher.store import Store
-from tests.support import attempt_record, eventually, store_subscriber_spec
+from tests.support import attempt_record, eventually, lock_awaited, store_subscriber_spec
 
 PENDING = model.DeliveryState.PENDING
 HELD = model.DeliveryState.HELD
@@ -98,7 +97,7 @@ async def test_an_outcome_whose_lease_is_being_taken_is_neither_logged_nor_settl
             .values(attempts=deliveries.c.attempts + 1, lease_owner="other-replica")
         )  # Not committed yet: the row stays locked.
         recording = asyncio.create_task(store.record([attempt_record(claim)]))
-        await eventually(lambda: lock_awaited(store), what="the record waiting on the row")
+        await eventually(lambda: lock_awaited(store.engine), what="the record waiting on the row")
         await other.commit()
     await recording
 
@@ -106,9 +105,3 @@ async def test_an_outcome_whose_lease_is_being_taken_is_neither_logged_nor_settl
     assert delivery.state == PENDING
     assert delivery.attempts == 2
     assert delivery.log == ()
-
-
-async def lock_awaited(store: Store) -> bool:
-    async with store.engine.connect() as conn:
-        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
-    return bool(waiting)

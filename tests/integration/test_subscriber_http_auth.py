@@ -18,6 +18,7 @@ from common import signing
 from publisher import http_transport
 from publisher import transport as tx
 from subscriber import app
+from tests import support
 from tests.receiver import Receiver, running_receiver
 from tests.subscriber_apps import Handled, SubscriberApps, delivery_token
 
@@ -29,23 +30,9 @@ DEADLINE = 20.0
 
 
 def make_attempt(endpoint: str, **changes: Any) -> tx.Attempt:
-    fields: dict[str, Any] = {
-        "delivery_id": "dlv-1",
-        "attempt": 1,
-        "event_id": "evt-1",
-        "event_type": "order.created",
-        "payload": PAYLOAD,
-        "content_type": "application/json",
-        "created_at": 1_700_000_000.0,
-        "subscriber_id": AUDIENCE,
-        "endpoint": endpoint,
-        "body_format": "raw",
-        "keys": (KEY,),
-        "issuer": "publisher.test",
-        "timeout": 5.0,
-    }
-    fields.update(changes)
-    return tx.Attempt(**fields)
+    return support.make_attempt(
+        endpoint, key=KEY, subscriber_id=AUDIENCE, payload=PAYLOAD, **changes
+    )
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 
 from common import signing
@@ -21,7 +20,7 @@ from publisher import model
 from publisher.schema import subscribers
 from publisher.servicer import PublisherServicer
 from publisher.store import Store
-from tests.support import eventually, store_subscriber_spec
+from tests.support import eventually, lock_awaited, store_subscriber_spec
 
 DISABLED = model.SubscriberState.DISABLED
 
@@ -87,7 +86,9 @@ async def test_an_update_waits_for_a_disable_in_progress_and_keeps_it(store: Sto
                     subscriber.id, lambda now: (renamed, now.state, now.state_reason)
                 )
             )
-            await eventually(lambda: lock_awaited(store), what="the update waiting on the row")
+            await eventually(
+                lambda: lock_awaited(store.engine), what="the update waiting on the row"
+            )
             await disable.commit()
     await editing
 
@@ -95,9 +96,3 @@ async def test_an_update_waits_for_a_disable_in_progress_and_keeps_it(store: Sto
     assert after.state == DISABLED
     assert after.state_reason == "410"
     assert after.spec.name == "renamed"
-
-
-async def lock_awaited(store: Store) -> bool:
-    async with store.engine.connect() as conn:
-        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
-    return bool(waiting)

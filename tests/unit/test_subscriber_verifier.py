@@ -33,19 +33,26 @@ def make_verifier(allow: list[str] | None = None) -> verifier.Verifier:
 
 
 def bearer(event_id: str, payload: bytes) -> str:
+    return signed(
+        event_id,
+        event_type="order.created",
+        attempt=1,
+        body_sha256=hashlib.sha256(payload).hexdigest(),
+    )
+
+
+def signed(event_id: str, **claims: object) -> str:
+    """An authorization value: a token for ``event_id`` with ``claims``, made with PyJWT."""
     now = int(datetime.datetime.now(datetime.UTC).timestamp())
-    claims = {
+    common = {
         "iss": "tests",
         "aud": "sub_1",
         "iat": now,
         "exp": now + 300,
         "jti": uuid.uuid4().hex,
         "event_id": event_id,
-        "event_type": "order.created",
-        "attempt": 1,
-        "body_sha256": hashlib.sha256(payload).hexdigest(),
     }
-    return "Bearer " + jwt.encode(claims, KEY, algorithm="HS256")
+    return "Bearer " + jwt.encode({**common, **claims}, KEY, algorithm="HS256")
 
 
 def standard_signature(message_id: str, timestamp: int, body: str) -> str:
@@ -198,17 +205,7 @@ def test_status_query_needs_a_token_for_that_event_over_an_empty_payload() -> No
 
 def status_bearer(event_id: str) -> str:
     """A status question's token as the publisher makes it, made here with PyJWT."""
-    now = int(datetime.datetime.now(datetime.UTC).timestamp())
-    claims = {
-        "iss": "tests",
-        "aud": "sub_1",
-        "iat": now,
-        "exp": now + 300,
-        "jti": uuid.uuid4().hex,
-        "event_id": event_id,
-        "purpose": "status",
-    }
-    return "Bearer " + jwt.encode(claims, KEY, algorithm="HS256")
+    return signed(event_id, purpose="status")
 
 
 def test_status_token_opens_its_status_query_but_is_no_delivery() -> None:
