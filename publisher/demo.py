@@ -179,14 +179,12 @@ async def show_one_delivery(
         f"Delivered: delivery {delivery.id} is DELIVERED after {delivery.attempt_count} "
         f"attempt(s), {elapsed:.0f} ms after Emit."
     )
-    token = signing.sign_delivery(
+    # Asked as the publisher asks, with a status token (signing.sign_status).
+    token = signing.sign_status(
         signing.secret_key(secret),
         issuer="grpc-webhooks",
         audience=subscriber_id,
         event_id=emitted.event_id,
-        event_type="order.created",
-        attempt=0,
-        payload=b"",
         now=time.time(),
     )
     async with grpc.aio.insecure_channel(SUBSCRIBER) as channel:
