@@ -42,25 +42,31 @@ class PostgresWakeup:
                 await self._task
 
     async def _listen(self) -> None:
+        """Listens, and listens again after any failure: a listener that gave up would leave
+        this replica to the poll for good, and its error would break the publisher's stop."""
         while True:
-            lost = asyncio.Event()
             try:
-                connection = await asyncpg.connect(self._dsn, timeout=10)
-            except (OSError, asyncpg.PostgresError) as error:
-                log.event(logger, "listen_failed", logging.WARNING, error=str(error))
-                await asyncio.sleep(RECONNECT_SECONDS)
-                continue
-            try:
-                connection.add_termination_listener(lambda _, lost=lost: lost.set())
-                await connection.add_listener(NOTIFY_CHANNEL, self._notified)
-                # Work committed while nobody listened is found by the next claim anyway.
-                self._on_notify()
-                await lost.wait()
-                log.event(logger, "listen_lost", logging.WARNING)
-            finally:
-                with contextlib.suppress(Exception):
-                    await connection.close(timeout=2)
+                await self._listen_once()
+            except Exception as error:
+                # Whatever ended it (the server restarting or failing over, the connection
+                # dropping while LISTEN was set up): the poll carries on meanwhile.
+                log.event(logger, "listen_failed", logging.WARNING, error=repr(error))
             await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _listen_once(self) -> None:
+        """One connection's listening, until it is lost; raises if it cannot be set up."""
+        lost = asyncio.Event()
+        connection = await asyncpg.connect(self._dsn, timeout=10)
+        try:
+            connection.add_termination_listener(lambda _: lost.set())
+            await connection.add_listener(NOTIFY_CHANNEL, self._notified)
+            # Work committed while nobody listened is found by the next claim anyway.
+            self._on_notify()
+            await lost.wait()
+            log.event(logger, "listen_lost", logging.WARNING)
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close(timeout=2)
 
     def _notified(self, *_: Any) -> None:
         self._on_notify()
