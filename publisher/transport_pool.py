@@ -18,6 +18,7 @@ attempt after that starts a new worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -166,6 +167,15 @@ async def _spawn(options: wire.Options) -> _Worker:
         exiting = True
     except TimeoutError:
         pass
+    except BaseException:
+        # The caller gave up while it started (an attempt's budget ran out during a restart,
+        # or the publisher is stopping): a worker nobody holds would live as long as the
+        # publisher, and every later restart would leave one more.
+        pipe.close()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
     if ready != wire.READY:
         pipe.close()
         if not exiting:

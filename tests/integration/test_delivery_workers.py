@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -31,6 +32,7 @@ from tests.support import (
     FakeSubscriber,
     OpenPublisher,
     alive,
+    children_of,
     claims_of,
     eventually,
     socket_owner,
@@ -239,3 +241,35 @@ def _attempt(endpoint: str) -> tx.Attempt:
         issuer="grpc-webhooks",
         timeout=5.0,
     )
+
+
+async def test_a_restart_given_up_on_leaves_no_worker_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt whose budget runs out while its worker is being started again (one that
+    hangs as it starts) takes the half-started worker down with it: nobody else holds it."""
+    pool = TransportPool(1, wire.Options((), 5.0, 8, "INFO"))
+    await pool.start()
+    grpc_ = RemoteTransport(pool, "grpc")
+    hangs = tmp_path / "hangs-as-it-starts"
+    hangs.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    hangs.chmod(0o755)
+    try:
+        os.kill(pool.pids[0], signal.SIGKILL)
+        # The worker's death is seen when its pipe closes.
+        await eventually(lambda: _true(not alive(pool.pids[0])), what="the worker gone")
+        monkeypatch.setattr(sys, "executable", str(hangs))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await grpc_.send(_attempt("127.0.0.1:1"))
+        left = [pid for pid in children_of(os.getpid()) if str(hangs) in _command_of(pid)]
+        assert left == []
+    finally:
+        await pool.close()
+
+
+def _command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
