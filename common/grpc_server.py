@@ -64,12 +64,21 @@ async def add_health_and_reflection(
     return health_servicer
 
 
+class BindError(OSError):
+    """The server could not listen where it was told to (the port is taken, or the host
+    is not this machine's)."""
+
+
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Binds insecurely to host:port (port 0 picks one) and returns the bound port."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(target)
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as error:
+        # Newer grpcio raises where older releases returned 0.
+        raise BindError(f"could not listen on {target}: {error}") from None
     if bound == 0:
-        raise OSError(f"could not bind {target}")
+        raise BindError(f"could not listen on {target}")
     return bound
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from common import config, db, log
+from common import config, db, grpc_server, log
 from publisher import migrate
 from publisher import settings as publisher_settings
 from publisher.app import AlreadyRunning, PublisherApp
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.configure(settings.log_level)
     try:
         _runner()(PublisherApp(settings).run())
-    except (AlreadyRunning, migrate.SchemaMismatch, NotStarted) as error:
+    except (AlreadyRunning, migrate.SchemaMismatch, NotStarted, grpc_server.BindError) as error:
         sys.exit(f"webhook-publisher: {error}")
 
 

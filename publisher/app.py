@@ -82,6 +82,17 @@ class PublisherApp:
             if self._lock is not None:
                 self._lock.release()
             raise
+        try:
+            await self._start_serving(path)
+        except BaseException:
+            # Whatever failed (the port taken, the database gone): give back what was taken,
+            # the SQLite lock above all, so that this process or another can start again.
+            await self.stop()
+            raise
+
+    async def _start_serving(self, path: str | None) -> None:
+        """Everything after the lock and the schema check: store, sending, jobs, the server."""
+        settings = self.settings
         store = self._store = Store(db.create_engine(settings.database_url))
         if path is not None:
             # This process holds the file lock, so every lease left in it belongs to a dead run.
@@ -98,14 +109,11 @@ class PublisherApp:
             log_level=settings.log_level,
         )
         if settings.delivery_workers:
-            self._pool = TransportPool(settings.delivery_workers, options)
-            try:
-                await self._pool.start()
-            except BaseException:
-                self._pool = None
-                await self.stop()
-                raise
-            self._transports = self._pool.transports()
+            pool = TransportPool(settings.delivery_workers, options)
+            # Held only once started: a pool that failed to start has stopped its workers.
+            await pool.start()
+            self._pool = pool
+            self._transports = pool.transports()
         else:
             self._transports = transport_worker.transports(options)
         dispatcher = self._dispatcher = Dispatcher(

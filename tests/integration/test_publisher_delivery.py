@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -12,14 +15,14 @@ import grpc.aio
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from common import db
+from common import db, grpc_server
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import dispatcher
 from publisher.app import PublisherApp
 from publisher.schema import subscribers
 from publisher.store import Store
 from tests.conftest import StartPublisher
-from tests.support import FakeSubscriber, claims_of, eventually
+from tests.support import FakeSubscriber, alive, children_of, claims_of, eventually
 
 if TYPE_CHECKING:
     Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
@@ -582,3 +585,26 @@ async def test_unknown_ids_are_not_found_and_missing_ids_are_invalid(stub: Stub)
         )
     assert mask.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "update_mask" in (mask.value.details() or "")
+
+
+async def test_a_publisher_that_cannot_listen_gives_back_everything_it_took(
+    tmp_path: Path,
+) -> None:
+    """Its port is taken: starting fails with the reason, and leaves neither the SQLite lock
+    nor delivery workers behind, so that a publisher on another port can start at once."""
+    from publisher.settings import Settings
+
+    database_url = f"sqlite:///{tmp_path / 'publisher.db'}"
+    before = set(children_of(os.getpid()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failing = PublisherApp(Settings(port=port, database_url=database_url, delivery_workers=1))
+        with pytest.raises(grpc_server.BindError, match=str(port)):
+            await failing.start()
+    assert [pid for pid in set(children_of(os.getpid())) - before if alive(pid)] == []
+
+    second = PublisherApp(Settings(port=0, database_url=database_url))
+    await second.start()
+    await second.stop()
