@@ -56,6 +56,10 @@ class MailError(errors.WebhooksError):
     """An email could not be sent."""
 
 
+class MailRefused(MailError):
+    """The server refused the email for good: sent again, it would be refused again."""
+
+
 @dataclass(frozen=True)
 class SmtpSettings:
     """Where and how to send mail. An empty host disables email."""
@@ -92,6 +96,10 @@ def address_problem(address: str) -> str | None:
     """Why ``address`` is not a plain ``local@domain`` address, or None if it is."""
     if len(address) > MAX_ADDRESS_LENGTH:
         return f"longer than {MAX_ADDRESS_LENGTH} characters"
+    # smtplib refuses a whole message with one such recipient unless the server offers
+    # SMTPUTF8, so the operators, who share the message, would not be told either.
+    if not address.isascii():
+        return f"{address!r} has a character that is not ASCII, which not every mail server takes"
     if not _ADDRESS.fullmatch(address):
         return (
             f"{address!r} is not a plain email address local@domain"
@@ -131,26 +139,21 @@ class Mailer:
 
 
 def _send_blocking(settings: SmtpSettings, message: EmailMessage) -> None:
-    where = f"{settings.host}:{settings.port}"
     try:
-        client: smtplib.SMTP
-        if settings.security == "tls":
-            client = smtplib.SMTP_SSL(
-                settings.host,
-                settings.port,
-                timeout=settings.timeout,
-                context=ssl.create_default_context(),
-            )
-        else:
-            client = smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
-        with client:
+        client = _connect(settings)
+        try:
             if settings.security == "starttls":
                 client.starttls(context=ssl.create_default_context())
             if settings.username:
                 client.login(settings.username, settings.password)
             refused = client.send_message(message)
+        except BaseException:
+            # Nothing was sent; a polite QUIT to a server that failed could cost another timeout.
+            client.close()
+            raise
     except (smtplib.SMTPException, OSError) as error:
-        raise MailError(f"could not send mail via {where}: {_reason(error, settings)}") from error
+        raise _error(error, settings) from error
+    _hang_up(client, settings)
     if refused:
         # The others have the message; raising would make a retry send it to them twice.
         log.event(
@@ -160,6 +163,62 @@ def _send_blocking(settings: SmtpSettings, message: EmailMessage) -> None:
             subject=str(message["Subject"]),
             refused={rcpt: f"{code} {_text(answer)}" for rcpt, (code, answer) in refused.items()},
         )
+
+
+def _connect(settings: SmtpSettings) -> smtplib.SMTP:
+    # An explicit name to greet with: without one smtplib asks the resolver for this host's
+    # FQDN after connecting, which no timeout bounds.
+    greeting = _domain(settings)
+    if settings.security == "tls":
+        return smtplib.SMTP_SSL(
+            settings.host,
+            settings.port,
+            local_hostname=greeting,
+            timeout=settings.timeout,
+            context=ssl.create_default_context(),
+        )
+    return smtplib.SMTP(
+        settings.host, settings.port, local_hostname=greeting, timeout=settings.timeout
+    )
+
+
+def _hang_up(client: smtplib.SMTP, settings: SmtpSettings) -> None:
+    """Says QUIT after the server took the message, whatever it answers.
+
+    The message is on its way by then: an error here reported as a failed send would have
+    it sent again every round.
+    """
+    try:
+        code, answer = client.quit()
+        problem = "" if code == 221 else f"the server answered {code} {_text(answer)}"
+    except (smtplib.SMTPException, OSError) as error:
+        problem = _reason(error, settings)
+    finally:
+        client.close()
+    if problem:
+        log.event(logger, "mail_quit_failed", host=settings.host, error=problem)
+
+
+def _error(error: smtplib.SMTPException | OSError, settings: SmtpSettings) -> MailError:
+    """``MailRefused`` when sending the message again is refused again, else ``MailError``.
+
+    Every recipient refused for good (5xx) or the message itself refused (5xx after DATA)
+    depends on the message, not on the server's mood. A refused login or sender is the
+    operator's to fix, for every message alike, so those stay retried.
+    """
+    where = f"{settings.host}:{settings.port}"
+    text = f"could not send mail via {where}: {_reason(error, settings)}"
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in error.recipients.values()]
+        if codes and all(_permanent(code) for code in codes):
+            return MailRefused(text)
+    if isinstance(error, smtplib.SMTPDataError) and _permanent(error.smtp_code):
+        return MailRefused(text)
+    return MailError(text)
+
+
+def _permanent(code: int) -> bool:
+    return 500 <= code < 600
 
 
 def _reason(error: smtplib.SMTPException | OSError, settings: SmtpSettings) -> str:
@@ -200,12 +259,14 @@ def _text(answer: bytes | str) -> str:
 
 
 def recipients(subscriber: model.Subscriber, settings: SmtpSettings) -> list[str]:
-    """The subscriber's contact and the operators, each once, empty ones dropped."""
+    """The subscriber's contact and the operators, each once, empty and non-ASCII ones dropped."""
     chosen: list[str] = []
     seen: set[str] = set()
     for address in (subscriber.spec.contact_email, settings.operator_email):
         address = address.strip()
-        if address and address.casefold() not in seen:
+        # A contact stored before validation refused non-ASCII is left out: a server without
+        # SMTPUTF8 would refuse the whole message, and the operators would not hear of it.
+        if address and address.isascii() and address.casefold() not in seen:
             seen.add(address.casefold())
             chosen.append(address)
     return chosen
@@ -314,10 +375,14 @@ def _message(
         message["To"] = [_address(address) for address in to]
     message["Date"] = email.utils.formatdate(usegmt=True)
     # An explicit domain: the default asks the resolver for this host's FQDN, which can hang.
-    domain = settings.sender.rpartition("@")[2] or "localhost"
-    message["Message-ID"] = email.utils.make_msgid(domain=domain)
+    message["Message-ID"] = email.utils.make_msgid(domain=_domain(settings))
     message.set_content("\n".join(lines) + "\n")
     return message
+
+
+def _domain(settings: SmtpSettings) -> str:
+    """The sender's domain, the name this host goes by in mail: never asked of the resolver."""
+    return settings.sender.rpartition("@")[2] or "localhost"
 
 
 def _address(address: str) -> Address:

@@ -57,6 +57,14 @@ class Notifier:
 
     async def _send_disable_notices(self) -> None:
         for subscriber in await self._store.disable_notices_due():
+            if not await self._store.take_disable_notice(subscriber.id):
+                continue  # Another replica is telling them.
+            if not mailer.recipients(subscriber, self._mail.settings):
+                # No contact and no operator address: nobody to tell, so do not try forever.
+                log.event(
+                    logger, "disable_notice_untold", logging.WARNING, subscriber_id=subscriber.id
+                )
+                continue
             message = mailer.subscriber_disabled_notice(
                 subscriber,
                 settings=self._mail.settings,
@@ -64,8 +72,8 @@ class Notifier:
                 failing_since=subscriber.failing_since or subscriber.updated_at,
                 reason=subscriber.state_reason,
             )
-            if await self._send(message, subscriber.id, "disable_notice"):
-                await self._store.disable_notice_sent(subscriber.id)
+            if not await self._send(message, subscriber.id, "disable_notice"):
+                await self._store.give_back_disable_notice(subscriber.id)
 
     async def _send_digests(self) -> None:
         for subscriber in await self._store.subscribers_with_dead_letters(self._window):
@@ -94,8 +102,25 @@ class Notifier:
                 await self._store.give_back_notice_turn(subscriber.id)
 
     async def _send(self, message: EmailMessage, subscriber_id: str, kind: str) -> bool:
+        """Whether ``message`` is done with: sent, or refused for good. False: try again later.
+
+        A message refused for good (every recipient or its content refused with a 5xx) would
+        be refused again every round, for ever; it is logged as an error for the operators
+        instead, and what it was about counts as told.
+        """
         try:
             await self._mail.send(message)
+        except mailer.MailRefused as error:
+            log.event(
+                logger,
+                "email_refused",
+                logging.ERROR,
+                kind=kind,
+                subscriber_id=subscriber_id,
+                to=message["To"],
+                error=str(error),
+            )
+            return True
         except mailer.MailError as error:
             log.event(
                 logger,

@@ -832,12 +832,24 @@ class Store:
         return await self._run(work)
 
     async def mark_notified(self, delivery_ids: Sequence[str]) -> None:
+        """Stamps those of ``delivery_ids`` still failed and untold as told.
+
+        A Redeliver or Replay while the email was being sent made one pending again with
+        ``notified_at`` cleared: stamped anyway, it would be left out of every digest when
+        it dead-letters again.
+        """
         now = self._now()
 
         def work(conn: Connection) -> None:
             for chunk in _chunks(list(delivery_ids), 500):
                 conn.execute(
-                    deliveries.update().where(deliveries.c.id.in_(chunk)).values(notified_at=now)
+                    deliveries.update()
+                    .where(
+                        deliveries.c.id.in_(chunk),
+                        deliveries.c.state == model.DeliveryState.FAILED.value,
+                        deliveries.c.notified_at.is_(None),
+                    )
+                    .values(notified_at=now)
                 )
 
         await self._run(work)
@@ -857,28 +869,42 @@ class Store:
             for row in rows.all():
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.failing_since))
                 reason = f"disabled automatically: every delivery failed since {since}"
-                _disable(conn, row.id, reason, now)
-                conn.execute(
-                    subscribers.update()
-                    .where(subscribers.c.id == row.id)
-                    .values(disable_notice_due=True)
-                )
-                disabled.append(_load_subscriber(conn, row.id))
+                # Another replica may have disabled it since the select: it tells them.
+                if _disable(conn, row.id, reason, now):
+                    disabled.append(_load_subscriber(conn, row.id))
             return disabled
 
         return await self._run(work)
 
     async def disable_notices_due(self) -> list[model.Subscriber]:
+        """Disabled subscribers nobody has been told of yet; ``take_disable_notice`` first."""
         query = subscribers.select().where(subscribers.c.disable_notice_due.is_(True))
         return await self._run(lambda conn: _subscribers(conn, query))
 
-    async def disable_notice_sent(self, subscriber_id: str) -> None:
-        sent = (
+    async def take_disable_notice(self, subscriber_id: str) -> bool:
+        """Claims the notice that ``subscriber_id`` was disabled; only one replica wins.
+
+        Taking it marks it no longer due, so a replica that stops while sending loses it:
+        a notice missed is better than one sent by every replica whose round overlaps.
+        """
+        take = (
             subscribers.update()
-            .where(subscribers.c.id == subscriber_id)
+            .where(subscribers.c.id == subscriber_id, subscribers.c.disable_notice_due.is_(True))
             .values(disable_notice_due=False)
         )
-        await self._run(lambda conn: conn.execute(sent))
+        return bool(await self._run(lambda conn: conn.execute(take).rowcount))
+
+    async def give_back_disable_notice(self, subscriber_id: str) -> None:
+        """After a failed send, so that a later round tries again; not once re-enabled."""
+        give_back = (
+            subscribers.update()
+            .where(
+                subscribers.c.id == subscriber_id,
+                subscribers.c.state == model.SubscriberState.DISABLED.value,
+            )
+            .values(disable_notice_due=True)
+        )
+        await self._run(lambda conn: conn.execute(give_back))
 
 
 # -- rows <-> records ------------------------------------------------------------------------
@@ -1219,7 +1245,9 @@ def _set_hold(
     )
 
 
-def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> None:
+def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> bool:
+    """Disables an active subscriber, owing its people a notice; False if it was not active
+    (another replica disabled it first and owes the notice, or one was already sent)."""
     _lock_audience(conn, exclusive=True)
     result = conn.execute(
         subscribers.update()
@@ -1227,10 +1255,17 @@ def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> N
             subscribers.c.id == subscriber_id,
             subscribers.c.state == model.SubscriberState.ACTIVE.value,
         )
-        .values(state=model.SubscriberState.DISABLED.value, state_reason=reason, updated_at=now)
+        .values(
+            state=model.SubscriberState.DISABLED.value,
+            state_reason=reason,
+            updated_at=now,
+            disable_notice_due=True,
+        )
     )
-    if result.rowcount:
-        _set_hold(conn, subscriber_id, hold=True)
+    if not result.rowcount:
+        return False
+    _set_hold(conn, subscriber_id, hold=True)
+    return True
 
 
 def _load_subscriber(

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -35,6 +36,8 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     authenticated: bool
+    # The name the client greeted with (EHLO).
+    greeting: str
 
     def message(self) -> EmailMessage:
         parsed = email.message_from_bytes(self.content, policy=email.policy.default)
@@ -44,29 +47,43 @@ class Received:
 
 @dataclass
 class Inbox:
-    """An aiosmtpd handler that keeps every message and refuses the addresses it is told to."""
+    """An aiosmtpd handler that keeps every message it accepts, refuses the addresses it is
+    told to, and answers the message and QUIT as it is told to."""
 
     received: list[Received] = field(default_factory=list)
     refused: set[str] = field(default_factory=set)
+    refusal: str = "550 5.1.1 No such mailbox here"
+    message_answer: str = "250 Message accepted for delivery"
+    quit_answer: str = "221 Bye"
+    # Run while the client waits for the answer to its message.
+    meanwhile: Callable[[], Awaitable[object]] | None = None
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         if address in self.refused:
-            return "550 5.1.1 No such mailbox here"
+            return self.refusal
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        if not self.message_answer.startswith("250"):
+            return self.message_answer
         self.received.append(
             Received(
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
                 content=envelope.content,
                 authenticated=session.authenticated,
+                greeting=session.host_name,
             )
         )
-        return "250 Message accepted for delivery"
+        return self.message_answer
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return self.quit_answer
 
 
 def _authenticate(
@@ -99,7 +116,14 @@ class SmtpServer:
 
 @pytest.fixture
 async def smtp_server() -> AsyncIterator[SmtpServer]:
-    """aiosmtpd on 127.0.0.1, port 0, offering AUTH over plain SMTP (no TLS here)."""
+    async with serving() as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[SmtpServer]:
+    """aiosmtpd on 127.0.0.1, port 0, offering AUTH over plain SMTP (no TLS here) and no
+    SMTPUTF8, as many servers do."""
     inbox = Inbox()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -202,14 +226,81 @@ async def test_a_refused_login_raises_mail_error(smtp_server: SmtpServer) -> Non
 
 
 async def test_every_recipient_refused_raises_mail_error(smtp_server: SmtpServer) -> None:
-    """When the server takes none of the recipients, nobody was told, and that is an error."""
+    """When the server takes none of the recipients, nobody was told, and that is an error;
+    refused for good (5xx), sending it again would not help, and the error says so."""
     smtp_server.inbox.refused = {"team@billing.example.com", "oncall@example.com"}
     settings = smtp_server.settings()
     async with asyncio.timeout(DEADLINE):
-        with pytest.raises(mailer.MailError, match="refused every recipient") as caught:
+        with pytest.raises(mailer.MailRefused, match="refused every recipient") as caught:
             await mailer.Mailer(settings).send(_digest(settings))
     assert "oncall@example.com (550 5.1.1 No such mailbox here)" in str(caught.value)
     assert smtp_server.inbox.received == []
+
+
+@pytest.mark.parametrize(
+    "refusal", ["450 4.2.1 Mailbox busy, try later", "421 4.7.0 Too many connections"]
+)
+async def test_recipients_refused_for_now_are_worth_another_try(
+    smtp_server: SmtpServer, refusal: str
+) -> None:
+    """A refusal for now (4xx) is a MailError, but not one that rules out sending again."""
+    smtp_server.inbox.refused = {"team@billing.example.com", "oncall@example.com"}
+    smtp_server.inbox.refusal = refusal
+    settings = smtp_server.settings()
+    async with asyncio.timeout(DEADLINE):
+        with pytest.raises(mailer.MailError) as caught:
+            await mailer.Mailer(settings).send(_digest(settings))
+    assert not isinstance(caught.value, mailer.MailRefused)
+
+
+@pytest.mark.parametrize(
+    ("answer", "for_good"),
+    [("554 5.7.1 Message rejected as spam", True), ("451 4.3.0 Try again later", False)],
+)
+async def test_a_refused_message_is_a_mail_error_refused_for_good_only_with_a_5xx(
+    smtp_server: SmtpServer, answer: str, for_good: bool
+) -> None:
+    """The server refusing the message itself after DATA: for good with a 5xx, else for now."""
+    smtp_server.inbox.message_answer = answer
+    settings = smtp_server.settings()
+    async with asyncio.timeout(DEADLINE):
+        with pytest.raises(mailer.MailError, match=answer.split()[0]) as caught:
+            await mailer.Mailer(settings).send(_digest(settings))
+    assert isinstance(caught.value, mailer.MailRefused) == for_good
+
+
+async def test_a_bad_answer_to_quit_after_the_message_was_taken_is_no_error(
+    smtp_server: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the server took the message, QUIT answered with anything but 221 is logged, not
+    raised: raised, the message would be sent again."""
+    smtp_server.inbox.quit_answer = "421 4.3.2 Shutting down"
+    settings = smtp_server.settings()
+    with caplog.at_level(logging.INFO, logger="publisher.mailer"):
+        async with asyncio.timeout(DEADLINE):
+            await mailer.Mailer(settings).send(_digest(settings))
+    assert len(smtp_server.inbox.received) == 1
+    assert [r.getMessage() for r in caplog.records] == ["mail_quit_failed"]
+
+
+async def test_the_greeting_names_the_sender_domain_without_asking_the_resolver(
+    smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EHLO names the sender's domain; smtplib's default asks the resolver for this host's
+    name, a lookup that no timeout bounds."""
+    asked: list[str] = []
+
+    def getfqdn(name: str = "") -> str:
+        asked.append(name)
+        return "resolved.example"
+
+    monkeypatch.setattr(socket, "getfqdn", getfqdn)
+    settings = smtp_server.settings()
+    async with asyncio.timeout(DEADLINE):
+        await mailer.Mailer(settings).send(_digest(settings))
+    [received] = smtp_server.inbox.received
+    assert received.greeting == "publisher.example"
+    assert asked == []
 
 
 async def test_one_refused_recipient_does_not_stop_the_others(smtp_server: SmtpServer) -> None:

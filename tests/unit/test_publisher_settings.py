@@ -65,6 +65,10 @@ def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
         (["--smtp-port", "0.5"], "--smtp-port"),
         (["--operator-email", "a@example.com, b@example.com"], "operator_email"),
         (["--operator-email", 'ops"@example.com'], "operator_email"),
+        (["--operator-email", "josé@example.com"], "operator_email"),
+        # With no window every replica's round may take the same digest's turn.
+        (["--notify-window", "0"], "--notify-window"),
+        (["--notify-interval", "0"], "--notify-interval"),
     ],
 )
 def test_a_bad_value_stops_the_program_with_a_message_naming_the_flag(

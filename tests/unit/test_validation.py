@@ -315,6 +315,9 @@ def test_empty_schedule_means_the_default() -> None:
         "ops@[127.0.0.1]",
         "o\x00ps@example.com",
         "ops@exa\tmple.com",
+        # Not ASCII: an SMTP server without SMTPUTF8 refuses the whole message, the
+        # operator's copy with it.
+        "ü@example.com",
         "a" * 309 + "@example.com",
     ],
 )
@@ -336,12 +339,11 @@ def test_contact_email_with_trailing_newline_is_rejected() -> None:
     [
         "ops@example.com",
         "o.p+s-1_x@mail.example.co.uk",
-        "ü@example.com",
         "a" * 308 + "@example.com",
     ],
 )
 def test_plain_contact_email_is_accepted(email: str) -> None:
-    """Dots, plus signs, non-ASCII letters and 320 characters in all are fine."""
+    """Dots, plus signs and 320 characters in all are fine."""
     assert _spec(contact_email=email).contact_email == email
 
 
