@@ -98,8 +98,9 @@ class SubscriberApp:
                 target=config.catch_up.publisher,
                 issuer=config.catch_up.issuer,
                 subscriber_id=config.catch_up.subscriber_id,
-                # The publisher holds one secret per subscriber; rotation puts the new one first.
-                key=config.keys[0],
+                # Each --secret in turn: which one the publisher accepts depends on how far a
+                # rotation went, and on the order the flags were given in.
+                keys=config.keys,
                 interval=config.catch_up.interval,
                 engine=self._engine,
                 store=self._inbox,

@@ -6,6 +6,10 @@ goes through the same inbox and handler as a pushed one, so an event that
 arrives both ways still has one effect. The cursor is stored in the
 subscriber's database after each page, once that page's events are recorded:
 a restart goes on where the last stored page ended.
+
+During a secret rotation the subscriber holds several secrets, and which one the
+publisher accepts depends on how far the rotation went: a token it refuses is
+signed again with the next secret, and the one that worked is kept.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -36,8 +40,9 @@ CALL_TIMEOUT_SECONDS = 30.0
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # The publisher refuses these settings; rounds keep failing until someone changes them.
 _MISCONFIGURED = {
-    grpc.StatusCode.UNAUTHENTICATED: "the publisher refused the catch-up token: --secret must "
-    "be the subscriber's current secret and --catch-up-issuer the publisher's --name",
+    grpc.StatusCode.UNAUTHENTICATED: "the publisher refused the catch-up token signed with each "
+    "--secret: one must be the subscriber's current secret (or its previous one, until that "
+    "expires) and --catch-up-issuer the publisher's --name",
     grpc.StatusCode.NOT_FOUND: "the publisher knows no subscriber with this id (check --audience)",
     grpc.StatusCode.INVALID_ARGUMENT: "the publisher refused the request",
     grpc.StatusCode.PERMISSION_DENIED: "the publisher refused this subscriber",
@@ -58,7 +63,10 @@ table = sa.Table(
 
 
 class CatchUp:
-    """Reads ``subscriber_id``'s feed from the publisher at ``target`` every ``interval`` s."""
+    """Reads ``subscriber_id``'s feed from the publisher at ``target`` every ``interval`` s.
+
+    ``keys`` are the configured secrets in flag order; the first signs the first token.
+    """
 
     def __init__(
         self,
@@ -66,7 +74,7 @@ class CatchUp:
         target: str,
         issuer: str,
         subscriber_id: str,
-        key: bytes,
+        keys: Sequence[bytes],
         interval: float,
         engine: AsyncEngine,
         store: inbox.Inbox,
@@ -77,7 +85,11 @@ class CatchUp:
         self._target = target
         self._issuer = issuer
         self._subscriber_id = subscriber_id
-        self._key = key
+        if not keys:
+            raise ValueError("catch-up needs at least one key to sign its token with")
+        self._keys = tuple(keys)
+        # Which of ``keys`` signs the next token: the last one the publisher accepted.
+        self._key_index = 0
         self._interval = interval
         self._engine = engine
         self._store = store
@@ -127,12 +139,11 @@ class CatchUp:
         cursor = await self._load_cursor()
         new = 0
         while not self._stopping.is_set():
-            response = await stub.ListEvents(
+            response = await self._list_events(
+                stub,
                 publisher_pb2.ListEventsRequest(
                     subscriber_id=self._subscriber_id, cursor=cursor, page_size=self._page_size
                 ),
-                metadata=(("authorization", f"Bearer {self._token()}"),),
-                timeout=CALL_TIMEOUT_SECONDS,
             )
             self._busy = True
             try:
@@ -149,6 +160,44 @@ class CatchUp:
             finally:
                 self._busy = False
         return new
+
+    async def _list_events(
+        self,
+        stub: publisher_pb2_grpc.PublisherServiceAsyncStub,
+        request: publisher_pb2.ListEventsRequest,
+    ) -> publisher_pb2.ListEventsResponse:
+        """One page, signed with the key in use, then with each other key while it is refused.
+
+        Raises the refusal of the key in use when every key is refused, since that is the
+        secret the operator expects to be valid.
+        """
+        refusals: list[grpc.aio.AioRpcError] = []
+        for step in range(len(self._keys)):
+            index = (self._key_index + step) % len(self._keys)
+            try:
+                response = await stub.ListEvents(
+                    request,
+                    metadata=(("authorization", f"Bearer {self._token(self._keys[index])}"),),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                refusals.append(error)
+                continue
+            if index != self._key_index:
+                self._key_index = index
+                # Which secret, by its place among the --secret flags; never the secret itself.
+                log.event(
+                    logger,
+                    "catch_up_secret_changed",
+                    publisher=self._target,
+                    subscriber_id=self._subscriber_id,
+                    secret=index + 1,
+                    secrets=len(self._keys),
+                )
+            return response
+        raise refusals[0]
 
     async def _run(self, stub: publisher_pb2_grpc.PublisherServiceAsyncStub) -> None:
         while not self._stopping.is_set():
@@ -182,9 +231,9 @@ class CatchUp:
             )
             return False
 
-    def _token(self) -> str:
+    def _token(self, key: bytes) -> str:
         return signing.sign_catch_up(
-            self._key, subscriber_id=self._subscriber_id, audience=self._issuer, now=self._clock()
+            key, subscriber_id=self._subscriber_id, audience=self._issuer, now=self._clock()
         )
 
     def _failed(self, error: grpc.aio.AioRpcError) -> None:

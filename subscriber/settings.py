@@ -13,6 +13,14 @@ from subscriber import verifier
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The publisher's own default --name, which its catch-up tokens must be addressed to.
 DEFAULT_PUBLISHER_NAME = "grpc-webhooks"
+# webhook-timestamp is in whole seconds, so a narrower window refuses fresh deliveries; a
+# wider one than a day leaves a captured request replayable for so long that the window is
+# off in all but name, and clocks a day apart are wrong, not skewed.
+MIN_TIMESTAMP_TOLERANCE = 1.0
+MAX_TIMESTAMP_TOLERANCE = 24 * 3600.0
+# Each round is at least one call to the publisher: a shorter interval is a tight loop
+# against it, and nothing missed needs to be found sooner than this.
+MIN_CATCH_UP_INTERVAL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +120,18 @@ def parse(argv: Sequence[str]) -> Settings:
     except errors.InvalidArgument as error:
         # normalize_url names its field database_url; the operator typed the flag.
         parser.error("--database-url: " + str(error).removeprefix(f"{error.field}: "))
-    # Written as "not >" so that NaN is refused too.
-    if not args.timestamp_tolerance > 0:
-        parser.error("--timestamp-tolerance: must be a positive number of seconds")
+    # Written as "not <=" so that NaN is refused too.
+    if not MIN_TIMESTAMP_TOLERANCE <= args.timestamp_tolerance <= MAX_TIMESTAMP_TOLERANCE:
+        parser.error(
+            f"--timestamp-tolerance: must be {MIN_TIMESTAMP_TOLERANCE:g} to "
+            f"{MAX_TIMESTAMP_TOLERANCE:g} seconds"
+        )
+    audience = None
+    if args.audience is not None:
+        audience = args.audience.strip()
+        # A blank one would turn the audience check off while seeming to set it.
+        if not audience:
+            parser.error("--audience: must not be blank; leave it out to check no audience")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
 
@@ -126,20 +143,26 @@ def parse(argv: Sequence[str]) -> Settings:
     catch_up = None
     if args.catch_up_publisher.strip():
         publisher = args.catch_up_publisher.strip()
-        config.host_port(publisher, "--catch-up-publisher")
-        if not args.audience:
+        _, port = config.host_port(publisher, "--catch-up-publisher")
+        # Port 0 picks a free port to listen on; to connect to, it names nothing.
+        if port == 0:
+            parser.error("--catch-up-publisher: the port must be 1 to 65535")
+        if audience is None:
             parser.error(
                 "--audience: required with --catch-up-publisher, "
                 "since the feed to read is that subscriber id's"
             )
         # Written as "not <" so that NaN is refused too; infinity would mean one round only.
-        if not 0 < args.catch_up_interval < math.inf:
-            parser.error("--catch-up-interval: must be a positive number of seconds")
+        if not MIN_CATCH_UP_INTERVAL <= args.catch_up_interval < math.inf:
+            parser.error(
+                f"--catch-up-interval: must be a finite number of seconds, at least "
+                f"{MIN_CATCH_UP_INTERVAL:g}"
+            )
         if not args.catch_up_issuer.strip():
             parser.error("--catch-up-issuer: must name the publisher")
         catch_up = CatchUp(
             publisher=publisher,
-            subscriber_id=args.audience,
+            subscriber_id=audience,
             interval=args.catch_up_interval,
             issuer=args.catch_up_issuer.strip(),
         )
@@ -148,7 +171,7 @@ def parse(argv: Sequence[str]) -> Settings:
         http_listen=http_listen,
         database_url=args.database_url,
         keys=keys,
-        audience=args.audience or None,
+        audience=audience,
         allowlist=allowlist,
         timestamp_tolerance=args.timestamp_tolerance,
         log_level=args.log_level,

@@ -48,7 +48,12 @@ class Handled:
 
 class StartSubscriber(Protocol):
     async def __call__(
-        self, publisher: str, subscriber_id: str, handler: Handled, *, secret: str = SECRET
+        self,
+        publisher: str,
+        subscriber_id: str,
+        handler: Handled,
+        *,
+        secrets: tuple[str, ...] = (SECRET,),
     ) -> app.SubscriberApp: ...
 
 
@@ -66,14 +71,18 @@ async def start_subscriber(subscriber_database_url: str) -> AsyncIterator[StartS
     started: list[app.SubscriberApp] = []
 
     async def start(
-        publisher: str, subscriber_id: str, handler: Handled, *, secret: str = SECRET
+        publisher: str,
+        subscriber_id: str,
+        handler: Handled,
+        *,
+        secrets: tuple[str, ...] = (SECRET,),
     ) -> app.SubscriberApp:
         config = settings.parse(
             [
                 "--listen=127.0.0.1:0",
                 "--http-listen=off",
                 f"--database-url={subscriber_database_url}",
-                f"--secret={secret}",
+                *(f"--secret={secret}" for secret in secrets),
                 f"--audience={subscriber_id}",
                 f"--catch-up-publisher={publisher}",
                 f"--catch-up-interval={INTERVAL}",
@@ -219,7 +228,7 @@ async def test_wrong_secret_records_nothing_and_logs_a_configuration_error(
     handled = Handled()
 
     subscriber = await start_subscriber(
-        publisher.address, subscriber_id, handled, secret=OTHER_SECRET
+        publisher.address, subscriber_id, handled, secrets=(OTHER_SECRET,)
     )
 
     record = await eventually(
@@ -232,6 +241,50 @@ async def test_wrong_secret_records_nothing_and_logs_a_configuration_error(
     assert "--secret" in fields["reason"]
     assert await subscriber.inbox.count() == 0
     assert handled.entries == []
+
+
+@pytest.mark.parametrize("new_first", [True, False], ids=["new-secret-first", "old-secret-first"])
+async def test_catch_up_goes_on_across_a_rotation_whichever_secret_is_listed_first(
+    publisher: PublisherApp,
+    stub: Stub,
+    start_subscriber: StartSubscriber,
+    caplog: pytest.LogCaptureFixture,
+    new_first: bool,
+) -> None:
+    """Given the old and the new secret, the subscriber pulls its feed before RotateSecret and
+    after the old secret expired, in either flag order: a refused token is signed again with
+    the other secret, which is then kept (one change logged per switch), and no round fails."""
+    caplog.set_level(logging.INFO, logger="subscriber.catch_up")
+    # The publisher holds SECRET; the rotation gives it OTHER_SECRET.
+    subscriber_id = await register_unreachable(stub)
+    secrets = (OTHER_SECRET, SECRET) if new_first else (SECRET, OTHER_SECRET)
+    handled = Handled()
+    subscriber = await start_subscriber(publisher.address, subscriber_id, handled, secrets=secrets)
+
+    async def pull_one_at_a_time(event_types: list[str]) -> list[str]:
+        """Each event after the first needs a later round, so the kept secret is used too."""
+        pulled = []
+        for event_type in event_types:
+            pulled += await emit(stub, [event_type])
+            await eventually(handled_all(subscriber, pulled), what=f"{event_type} handled")
+        return pulled
+
+    before = await pull_one_at_a_time(MATCHING[:2])
+    no_grace = duration_pb2.Duration(seconds=0)
+    await stub.RotateSecret(
+        publisher_pb2.RotateSecretRequest(
+            subscriber_id=subscriber_id, secret=OTHER_SECRET, previous_valid_for=no_grace
+        )
+    )
+    after = await pull_one_at_a_time(["order.refunded", "order.closed"])
+
+    assert handled.event_ids() == before + after
+    changed = [r for r in caplog.records if r.getMessage() == "catch_up_secret_changed"]
+    # Listed first, the new secret is refused until RotateSecret; listed second, it is needed
+    # once the old one has expired.
+    assert [_fields(r)["secret"] for r in changed] == ([2, 1] if new_first else [2])
+    assert all(_fields(r)["secrets"] == 2 for r in changed)
+    assert await _logged(caplog, "catch_up_misconfigured") is None
 
 
 class FlakyPublisher:
