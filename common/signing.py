@@ -266,9 +266,12 @@ def sign_catch_up(key: bytes, *, subscriber_id: str, audience: str, now: float) 
     return _encode({"sub": subscriber_id, "aud": audience, **_lifetime(now)}, key)
 
 
-def verify_catch_up(token: str, key: bytes, *, subscriber_id: str, audience: str) -> None:
-    """Raises Unauthenticated unless the token is ``subscriber_id``'s, for this publisher."""
-    claims = _decode(token, [key], audience=audience, require=("sub", "aud", "iat", "exp"))
+def verify_catch_up(
+    token: str, keys: Sequence[bytes], *, subscriber_id: str, audience: str
+) -> None:
+    """Raises Unauthenticated unless the token is ``subscriber_id``'s, for this publisher,
+    signed with one of ``keys`` (during a rotation, the previous secret's too)."""
+    claims = _decode(token, keys, audience=audience, require=("sub", "aud", "iat", "exp"))
     if claims["sub"] != subscriber_id:
         raise errors.Unauthenticated("invalid token: it was issued for another subscriber")
 

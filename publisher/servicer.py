@@ -7,7 +7,6 @@ dispatcher after each commit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,7 @@ from typing import Any
 import grpc.aio
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from common import errors, log, signing
+from common import log, signing
 from common.gen.webhooks.v1 import event_pb2, publisher_pb2, publisher_pb2_grpc
 from publisher import model, validation
 from publisher.store import Store
@@ -246,27 +245,19 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         limit = validation.page_size(request.page_size)
         subscriber = await self._store.get_subscriber(subscriber_id)
         metadata = dict(context.invocation_metadata() or ())
-        token = signing.bearer_token(str(metadata.get("authorization", "")))
-        self._verify_catch_up(token, subscriber)
+        # Any secret the subscriber's deliveries are signed with: after a rotation the previous
+        # one stays valid until it expires, for the feed too.
+        keys = [signing.secret_key(s) for s in subscriber.signing_secrets(time.time())]
+        signing.verify_catch_up(
+            signing.bearer_token(str(metadata.get("authorization", ""))),
+            keys,
+            subscriber_id=subscriber_id,
+            audience=self._issuer,
+        )
         found, last = await self._store.events_for(subscriber_id, after, limit)
         return publisher_pb2.ListEventsResponse(
             events=[_event(e) for e in found], next_cursor=str(last)
         )
-
-    def _verify_catch_up(self, token: str, subscriber: model.Subscriber) -> None:
-        """Accepts a token signed with any secret the subscriber's deliveries are signed with:
-        after a rotation the previous one stays valid until it expires, for the feed too."""
-        current, *previous = subscriber.signing_secrets(time.time())
-        for secret in previous:
-            with contextlib.suppress(errors.Unauthenticated):
-                self._verify_with(token, secret, subscriber.id)
-                return
-        # The current secret last: if it fails too, its Unauthenticated says what is wrong.
-        self._verify_with(token, current, subscriber.id)
-
-    def _verify_with(self, token: str, secret: str, subscriber_id: str) -> None:
-        key = signing.secret_key(secret)
-        signing.verify_catch_up(token, key, subscriber_id=subscriber_id, audience=self._issuer)
 
     async def _check_reachable(self, spec: model.SubscriberSpec) -> None:
         if spec.protocol == model.Protocol.HTTP:

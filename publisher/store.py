@@ -594,7 +594,6 @@ class Store:
         healthy, failing = _health(batch)
 
         disabling = any(record.disable_reason for record in batch)
-        recorded_ids = {record.delivery_id for record in batch}
 
         def write(conn: Connection) -> None:
             if disabling:
@@ -606,7 +605,8 @@ class Store:
                 # replica committing meanwhile would get the attempt logged and SETTLE then
                 # fenced off. Locked first (in id order in every batch), both statements
                 # see the row as the last committed writer left it.
-                conn.execute(statements.LOCK_DELIVERIES, {"b_ids": sorted(recorded_ids)})
+                ids = sorted({record.delivery_id for record in batch})
+                conn.execute(statements.LOCK_DELIVERIES, {"b_ids": ids})
             statements.LOG_ATTEMPT.execute(conn, params)
             statements.SETTLE.execute(conn, params)
             if healthy:

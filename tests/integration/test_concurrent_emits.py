@@ -21,13 +21,10 @@ from publisher import model, statements
 from publisher import store as store_module
 from publisher.schema import deliveries, events
 from publisher.store import Store
-from tests.support import eventually, lock_awaited, store_subscriber_spec
+from tests.support import DEFAULT_DEADLINE, eventually, lock_awaited, store_subscriber_spec
 
 ACTIVE = model.SubscriberState.ACTIVE
 PAUSED = model.SubscriberState.PAUSED
-# How long the emit waits, after reading the audience, for the resume to commit: with the
-# lock the resume cannot commit until the emit does, so this only bounds the test's time.
-RESUME_WAIT_SECONDS = 2.0
 
 
 async def test_a_resume_while_an_event_is_emitted_leaves_nothing_held(
@@ -40,12 +37,25 @@ async def test_a_resume_while_an_event_is_emitted_leaves_nothing_held(
     )
     await store.update_subscriber(subscriber.id, subscriber.spec, PAUSED, "on holiday")
 
+    # Set once the resume has committed, or is waiting for the emit to (with the lock).
+    resume_went_as_far_as_it_can = threading.Event()
+
     def resume_from_another_replica() -> None:
         async def resume() -> None:
             other = Store(db.create_engine(database_url))
             try:
-                await other.update_subscriber(subscriber.id, subscriber.spec, ACTIVE, "")
+                updating = asyncio.create_task(
+                    other.update_subscriber(subscriber.id, subscriber.spec, ACTIVE, "")
+                )
+
+                async def done_or_waiting() -> bool:
+                    return updating.done() or await lock_awaited(other.engine)
+
+                await eventually(done_or_waiting, what="the resume committed or waiting")
+                resume_went_as_far_as_it_can.set()
+                await updating
             finally:
+                resume_went_as_far_as_it_can.set()
                 await other.close()
 
         asyncio.run(resume())
@@ -56,7 +66,7 @@ async def test_a_resume_while_an_event_is_emitted_leaves_nothing_held(
     def read_then_let_a_resume_in(conn: Any) -> Any:
         rows = read_audience(conn)
         resuming.start()
-        resuming.join(RESUME_WAIT_SECONDS)
+        assert resume_went_as_far_as_it_can.wait(DEFAULT_DEADLINE)
         return rows
 
     monkeypatch.setattr(statements.AUDIENCE, "fetch", read_then_let_a_resume_in)

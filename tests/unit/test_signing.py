@@ -447,7 +447,7 @@ def test_a_token_that_is_not_ascii_is_unauthenticated_not_a_crash(key: bytes, to
     with pytest.raises(errors.Unauthenticated, match="not ASCII"):
         signing.verify_status(token, [key], audience=AUDIENCE, event_id="evt_1")
     with pytest.raises(errors.Unauthenticated, match="not ASCII"):
-        signing.verify_catch_up(token, key, subscriber_id="sub_1", audience=AUDIENCE)
+        signing.verify_catch_up(token, [key], subscriber_id="sub_1", audience=AUDIENCE)
 
 
 def test_verify_standard_refuses_a_non_ascii_signature_with_a_reason(key: bytes) -> None:
