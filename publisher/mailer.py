@@ -85,6 +85,11 @@ class SmtpSettings:
             raise ValueError("a password needs a username")
         if not self.sender:
             raise ValueError("sender must not be empty")
+        # The sender is both MAIL FROM and the From header: a display name or a second
+        # address there is refused by some servers, and a CR/LF would end the header.
+        problem = address_problem(self.sender)
+        if problem:
+            raise ValueError(f"sender: {problem}")
         # Blank means none (recipients() strips it); anything else must be one plain address.
         operator = self.operator_email.strip()
         problem = address_problem(operator) if operator else None

@@ -66,6 +66,8 @@ def test_a_subscriber_gets_half_the_slots_unless_told_otherwise() -> None:
         (["--operator-email", "a@example.com, b@example.com"], "operator_email"),
         (["--operator-email", 'ops"@example.com'], "operator_email"),
         (["--operator-email", "josé@example.com"], "operator_email"),
+        (["--smtp-from", "Webhooks <hooks@example.com>"], "sender"),
+        (["--smtp-from", "hooks"], "sender"),
         # With no window every replica's round may take the same digest's turn.
         (["--notify-window", "0"], "--notify-window"),
         (["--notify-interval", "0"], "--notify-interval"),
