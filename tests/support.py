@@ -333,8 +333,17 @@ def make_attempt(
     return tx.Attempt(**fields)
 
 
+# pg_locks covers the whole server: a wait in another database (another test run sharing
+# the server) must not pass for the one a test waits for, or it would go on too early and
+# test nothing.
+WAITING_IN_THIS_DATABASE = (
+    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+    " WHERE NOT granted AND datname = current_database()"
+)
+
+
 async def lock_awaited(engine: AsyncEngine) -> bool:
-    """PostgreSQL: whether some transaction is waiting for a lock."""
+    """PostgreSQL: whether some transaction in this engine's database is waiting for a lock."""
     async with engine.connect() as conn:
-        waiting = await conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+        waiting = await conn.scalar(sa.text(WAITING_IN_THIS_DATABASE))
     return bool(waiting)

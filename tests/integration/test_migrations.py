@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from common import db
 from publisher import migrate, schema
-from tests.support import eventually
+from tests.support import WAITING_IN_THIS_DATABASE, eventually
 
 POSTGRES_URL = os.environ.get(
     "WEBHOOKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -410,7 +410,7 @@ async def test_building_an_index_leaves_its_table_writable(
         upgrading = asyncio.create_task(migrate.upgrade(url, revision))
 
         async def migration_waits() -> bool:
-            waiting = await second.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            waiting = await second.fetchval(WAITING_IN_THIS_DATABASE)
             return bool(waiting) or upgrading.done()
 
         await eventually(migration_waits, what="the migration waiting for the open writer")
