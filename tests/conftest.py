@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import grpc.aio
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy.engine import make_url
 
 from common import db
@@ -21,6 +22,12 @@ from publisher.app import PublisherApp
 from publisher.settings import Settings
 from publisher.store import Store
 from tests.support import FakeSubscriber
+
+# Examples take milliseconds, but on a machine shared with other jobs one can stall past
+# Hypothesis's default deadline (200 ms) and fail the test as Flaky with nothing wrong.
+# Speed is measured by `make bench`; property tests check properties.
+hypothesis_settings.register_profile("grpc-webhooks", deadline=None)
+hypothesis_settings.load_profile("grpc-webhooks")
 
 # The local server this machine kind runs; where there is none the tests skip, saying why.
 POSTGRES_URL = os.environ.get(
