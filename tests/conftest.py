@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from publisher import migrate
 from publisher.app import PublisherApp
 from publisher.settings import Settings
 from publisher.store import Store
-from tests.support import FakeSubscriber
+from tests.support import FakeSubscriber, refusing_port
 
 # Examples take milliseconds, but on a machine shared with other jobs one can stall past
 # Hypothesis's default deadline (200 ms) and fail the test as Flaky with nothing wrong.
@@ -129,3 +129,11 @@ async def subscriber() -> AsyncIterator[FakeSubscriber]:
     await fake.start()
     yield fake
     await fake.stop()
+
+
+@pytest.fixture
+def nowhere() -> Iterator[str]:
+    """The endpoint of a subscriber that is never up: a port of this test's that refuses
+    every connection."""
+    with refusing_port() as port:
+        yield f"127.0.0.1:{port}"

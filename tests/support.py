@@ -8,10 +8,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +55,20 @@ async def eventually(
         if time.monotonic() > end:
             raise AssertionError(f"not within {deadline}s: {what or check!r}; last={last!r}")
         await asyncio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses every connection while the block runs.
+
+    Bound but not listening, it stays this test's: a port bound once and let go may be
+    taken by anyone (gRPC servers even share ports, with SO_REUSEPORT), and a test that
+    meant to reach nobody would reach them.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
 
 
 def socket_owner(local_port: int, pids: Iterable[int]) -> int | None:

@@ -86,20 +86,11 @@ async def start(
         await channel.close(None)
 
 
-# Only a subscriber that never comes back is stopped (``nowhere``). One that comes back refuses
-# with UNAVAILABLE while it is "down" instead: to the publisher both are failed attempts, but a
-# stopped one that comes back would leave the publisher's gRPC channel in its reconnect backoff
-# for up to 2 s, failing the next attempts without trying, and that timing, not the behaviour
-# under test, would decide the outcome.
-@pytest.fixture
-async def nowhere() -> str:
-    """The endpoint of a subscriber that is never up: a port bound once and let go."""
-    fake = FakeSubscriber()
-    endpoint = await fake.start()
-    await fake.stop()
-    return endpoint
-
-
+# A subscriber that never comes back is a port that refuses connections (the ``nowhere``
+# fixture). One that comes back refuses with UNAVAILABLE while it is "down" instead: to the
+# publisher both are failed attempts, but a stopped one that comes back would leave the
+# publisher's gRPC channel in its reconnect backoff for up to 2 s, failing the next attempts
+# without trying, and that timing, not the behaviour under test, would decide the outcome.
 def endpoint_of(fake: FakeSubscriber) -> str:
     return f"127.0.0.1:{fake.port}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -90,13 +89,6 @@ async def reference(tmp_path: Path, handled: Handled) -> AsyncIterator[app.Subsc
         "--http-listen=off", f"--secret={SECRET}", f"--audience={SUBSCRIBER_ID}", handler=handled
     )
     await apps.stop_all()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @contextlib.asynccontextmanager
@@ -254,7 +246,8 @@ async def test_a_closed_port_fails_as_never_sent(
     transport: grpc_transport.GrpcTransport,
 ) -> None:
     """Nothing listens: UNAVAILABLE before any connection, so FAILED (safe to resend)."""
-    result = await send(transport, make_attempt(f"127.0.0.1:{closed_port()}"))
+    with support.refusing_port() as port:
+        result = await send(transport, make_attempt(f"127.0.0.1:{port}"))
 
     assert result.outcome is tx.Outcome.FAILED
     assert result.status_code == grpc.StatusCode.UNAVAILABLE.value[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -153,13 +152,6 @@ def make_attempt(endpoint: str, **changes: Any) -> tx.Attempt:
 async def send(sender: http_transport.HttpTransport, attempt: tx.Attempt) -> tx.Result:
     async with asyncio.timeout(DEADLINE):
         return await sender.send(attempt)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def decode_token(received: Received, key: bytes = KEY) -> dict[str, Any]:
@@ -389,7 +381,8 @@ async def test_a_slowly_streamed_body_does_not_hold_the_attempt_past_its_timeout
 async def test_a_closed_port_fails_as_never_sent(
     transport: http_transport.HttpTransport,
 ) -> None:
-    result = await send(transport, make_attempt(f"http://127.0.0.1:{closed_port()}/ok"))
+    with support.refusing_port() as port:
+        result = await send(transport, make_attempt(f"http://127.0.0.1:{port}/ok"))
 
     assert result.outcome is tx.Outcome.FAILED
     assert result.status_code == 0

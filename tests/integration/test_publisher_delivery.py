@@ -22,7 +22,14 @@ from publisher.app import PublisherApp
 from publisher.schema import subscribers
 from publisher.store import Store
 from tests.conftest import StartPublisher
-from tests.support import FakeSubscriber, alive, children_of, claims_of, eventually
+from tests.support import (
+    FakeSubscriber,
+    alive,
+    children_of,
+    claims_of,
+    eventually,
+    refusing_port,
+)
 
 if TYPE_CHECKING:
     Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
@@ -314,36 +321,36 @@ async def _async(value: object) -> object:
 
 
 async def test_failed_attempts_are_retried_until_the_subscriber_comes_up(stub: Stub) -> None:
-    down = FakeSubscriber()
-    endpoint = await down.start()
-    await down.stop()
-    await register(stub, endpoint, retry_schedule=schedule(0.2, 0.4, 0.6, 60))
-    emitted = await emit(stub)
+    """Retries every second after the first two: however late the subscriber comes up within
+    the test's deadline, and however long the publisher's channel then takes to reconnect
+    (its backoff reaches 2 s), a retry finds it up. With retries at 0.4 and 0.6 s and then a
+    minute, coming up 0.4 s late was enough to fail."""
+    with refusing_port() as port:
+        await register(stub, f"127.0.0.1:{port}", retry_schedule=schedule(0.2, 0.4, *range(1, 40)))
+        emitted = await emit(stub)
 
-    async def failed_twice() -> bool:
-        delivery = await only_delivery(stub, emitted.event_id)
-        return len(delivery.attempts) >= 2
+        async def failed_twice() -> bool:
+            delivery = await only_delivery(stub, emitted.event_id)
+            return len(delivery.attempts) >= 2
 
-    await eventually(failed_twice, what="two failed attempts")
-    await down.start(down.port)
+        await eventually(failed_twice, what="two failed attempts")
+    up = FakeSubscriber()
+    await up.start(port)
     try:
         delivery = await delivery_in(stub, emitted.event_id, DELIVERED)
         outcomes = [a.outcome for a in delivery.attempts]
         assert outcomes[-1] == publisher_pb2.ATTEMPT_OUTCOME_DELIVERED
         assert set(outcomes[:-1]) == {publisher_pb2.ATTEMPT_OUTCOME_FAILED}
         assert "UNAVAILABLE" in delivery.attempts[0].error
-        assert down.event_ids() == [emitted.event_id]
+        assert up.event_ids() == [emitted.event_id]
     finally:
-        await down.stop()
+        await up.stop()
 
 
 async def test_delivery_fails_after_the_last_retry_when_the_subscriber_never_comes_up(
-    stub: Stub,
+    stub: Stub, nowhere: str
 ) -> None:
-    down = FakeSubscriber()
-    endpoint = await down.start()
-    await down.stop()
-    await register(stub, endpoint, retry_schedule=schedule(0.1, 0.2, 0.3))
+    await register(stub, nowhere, retry_schedule=schedule(0.1, 0.2, 0.3))
     emitted = await emit(stub)
 
     delivery = await delivery_in(stub, emitted.event_id, FAILED)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,21 +109,14 @@ async def stub(publisher: PublisherApp) -> AsyncIterator[Stub]:
         yield publisher_pb2_grpc.PublisherServiceStub(channel)
 
 
-def closed_port() -> int:
-    """A port nothing listens on, so every push to it fails at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-async def register_unreachable(stub: Stub) -> str:
-    """A gRPC subscriber for order.* whose pushes all fail and are retried only in an hour."""
+async def register_unreachable(stub: Stub, endpoint: str) -> str:
+    """A gRPC subscriber for order.* at ``endpoint``, where pushes all fail, retried only in
+    an hour."""
     retry = duration_pb2.Duration(seconds=3600)
     response = await stub.RegisterSubscriber(
         publisher_pb2.RegisterSubscriberRequest(
             name="offline",
-            endpoint=f"127.0.0.1:{closed_port()}",
+            endpoint=endpoint,
             protocol=publisher_pb2.PROTOCOL_GRPC,
             event_types=["order.*"],
             retry_schedule=[retry],
@@ -162,11 +154,11 @@ def handled_all(
 
 
 async def test_missed_matching_events_are_pulled_once_each_in_emission_order(
-    publisher: PublisherApp, stub: Stub, start_subscriber: StartSubscriber
+    publisher: PublisherApp, stub: Stub, start_subscriber: StartSubscriber, nowhere: str
 ) -> None:
     """Events whose pushes failed reach the inbox through the feed: only the matching ones,
     recorded and handled once each, in the order they were emitted."""
-    subscriber_id = await register_unreachable(stub)
+    subscriber_id = await register_unreachable(stub, nowhere)
     emitted = await emit(
         stub, [MATCHING[0], NOT_MATCHING[0], MATCHING[1], NOT_MATCHING[1], MATCHING[2]]
     )
@@ -188,11 +180,11 @@ async def test_missed_matching_events_are_pulled_once_each_in_emission_order(
 
 
 async def test_restart_keeps_the_cursor_and_later_events_are_pulled_too(
-    publisher: PublisherApp, stub: Stub, start_subscriber: StartSubscriber
+    publisher: PublisherApp, stub: Stub, start_subscriber: StartSubscriber, nowhere: str
 ) -> None:
     """A restarted subscriber goes on from its stored cursor: the first batch is not pulled
     again (receive counts stay 1, no second effect) and a batch emitted later arrives."""
-    subscriber_id = await register_unreachable(stub)
+    subscriber_id = await register_unreachable(stub, nowhere)
     first = await emit(stub, MATCHING)
     before = Handled()
     subscriber = await start_subscriber(publisher.address, subscriber_id, before)
@@ -220,10 +212,11 @@ async def test_wrong_secret_records_nothing_and_logs_a_configuration_error(
     stub: Stub,
     start_subscriber: StartSubscriber,
     caplog: pytest.LogCaptureFixture,
+    nowhere: str,
 ) -> None:
     """A token signed with a secret the publisher does not hold is UNAUTHENTICATED: nothing is
     pulled, and the error names the settings to check."""
-    subscriber_id = await register_unreachable(stub)
+    subscriber_id = await register_unreachable(stub, nowhere)
     await emit(stub, MATCHING)
     handled = Handled()
 
@@ -249,6 +242,7 @@ async def test_catch_up_goes_on_across_a_rotation_whichever_secret_is_listed_fir
     stub: Stub,
     start_subscriber: StartSubscriber,
     caplog: pytest.LogCaptureFixture,
+    nowhere: str,
     new_first: bool,
 ) -> None:
     """Given the old and the new secret, the subscriber pulls its feed before RotateSecret and
@@ -256,7 +250,7 @@ async def test_catch_up_goes_on_across_a_rotation_whichever_secret_is_listed_fir
     the other secret, which is then kept (one change logged per switch), and no round fails."""
     caplog.set_level(logging.INFO, logger="subscriber.catch_up")
     # The publisher holds SECRET; the rotation gives it OTHER_SECRET.
-    subscriber_id = await register_unreachable(stub)
+    subscriber_id = await register_unreachable(stub, nowhere)
     secrets = (OTHER_SECRET, SECRET) if new_first else (SECRET, OTHER_SECRET)
     handled = Handled()
     subscriber = await start_subscriber(publisher.address, subscriber_id, handled, secrets=secrets)
