@@ -20,7 +20,6 @@ from publisher.app import PublisherApp
 from publisher.schema import attempts, deliveries
 from publisher.settings import Settings
 from publisher.store import Store
-from tests.soak import free_port
 from tests.support import (
     FakeSubscriber,
     Process,
@@ -187,7 +186,7 @@ async def test_a_killed_replica_s_claims_are_delivered_by_another_after_the_leas
     common = ["--database-url", database_url, "--delivery-timeout", "1"]
     first = Process(
         "publisher",
-        ["--listen", f"127.0.0.1:{free_port()}", "--name", "replica-a", *common],
+        ["--listen", "127.0.0.1:0", "--name", "replica-a", *common],
         cwd=str(tmp_path),
     )
     serving = await first.logged("serving")
@@ -211,7 +210,7 @@ async def test_a_killed_replica_s_claims_are_delivered_by_another_after_the_leas
 
     second = Process(
         "publisher",
-        ["--listen", f"127.0.0.1:{free_port()}", "--name", "replica-b", *common],
+        ["--listen", "127.0.0.1:0", "--name", "replica-b", *common],
         cwd=str(tmp_path),
     )
     try:
