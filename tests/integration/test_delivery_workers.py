@@ -247,21 +247,37 @@ async def test_a_restart_given_up_on_leaves_no_worker_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An attempt whose budget runs out while its worker is being started again (one that
-    hangs as it starts) takes the half-started worker down with it: nobody else holds it."""
+    hangs as it starts) takes the half-started worker down with it: nobody else holds it.
+
+    The attempt is given up once the new worker runs, not after a fixed time: given up
+    before the worker was spawned, there would be nothing left behind to look for."""
     pool = TransportPool(1, wire.Options((), 5.0, 8, "INFO"))
     await pool.start()
     grpc_ = RemoteTransport(pool, "grpc")
     hangs = tmp_path / "hangs-as-it-starts"
-    hangs.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    started = tmp_path / "started"
+    hangs.write_text(
+        f"#!{sys.executable}\nimport os, pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    )
     hangs.chmod(0o755)
     try:
         os.kill(pool.pids[0], signal.SIGKILL)
         # The worker's death is seen when its pipe closes.
         await eventually(lambda: _true(not alive(pool.pids[0])), what="the worker gone")
         monkeypatch.setattr(sys, "executable", str(hangs))
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await grpc_.send(_attempt("127.0.0.1:1"))
+        sending = asyncio.create_task(grpc_.send(_attempt("127.0.0.1:1")))
+
+        async def hanging_worker() -> int | None:
+            text = started.read_text() if started.exists() else ""
+            return int(text) if text else None
+
+        pid = await eventually(hanging_worker, what="the new worker hanging as it starts")
+        assert not sending.done()
+        sending.cancel()  # What an attempt's budget running out does to the send.
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert not alive(pid)
         left = [pid for pid in children_of(os.getpid()) if str(hangs) in _command_of(pid)]
         assert left == []
     finally:
