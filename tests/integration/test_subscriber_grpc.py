@@ -287,6 +287,64 @@ async def test_event_id_too_long_to_store_is_refused_alone_not_with_its_batch(
     assert await subscriber.inbox.count() == 20
 
 
+def signed_receive(
+    req: subscriber_pb2.ReceiveRequest,
+) -> tuple[subscriber_pb2.ReceiveRequest, tuple[tuple[str, str], ...]]:
+    """``req`` with a valid token for exactly what it carries, whatever that is."""
+    return req, bearer(token(req.event.id, req.event.payload, event_type=req.event.type))
+
+
+def with_event(**changes: str) -> subscriber_pb2.ReceiveRequest:
+    req = request("evt_1")
+    for name, value in changes.items():
+        if name == "delivery_id":
+            req.delivery_id = value
+        else:
+            setattr(req.event, name, value)
+    return req
+
+
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        pytest.param(with_event(type="t" * 256), "event_type", id="type"),
+        pytest.param(with_event(content_type="a/" + "b" * 254), "content_type", id="content-type"),
+        pytest.param(with_event(delivery_id="d" * 256), "delivery_id", id="delivery-id"),
+    ],
+)
+async def test_a_field_too_long_to_store_is_invalid_argument_naming_it_and_nothing_is_recorded(
+    subscriber: app.SubscriberApp,
+    stub: Stub,
+    handled: Handled,
+    req: subscriber_pb2.ReceiveRequest,
+    field: str,
+) -> None:
+    """Each text field the inbox keeps is checked, not only the event id; a signed request
+    that carries one too long is refused naming it, and leaves no receipt behind."""
+    req, metadata = signed_receive(req)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Receive(req, metadata=metadata, timeout=DEADLINE_SECONDS)
+
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(f"{field}: longer than 255")
+    assert await subscriber.inbox.count() == 0
+    assert handled.entries == []
+
+
+async def test_get_status_without_an_event_id_is_invalid_argument(stub: Stub) -> None:
+    """A status question must name its event."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetStatus(
+            subscriber_pb2.GetStatusRequest(),
+            metadata=bearer(token("", b"")),
+            timeout=DEADLINE_SECONDS,
+        )
+
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith("event_id:")
+
+
 async def test_same_event_id_with_a_different_payload_is_refused_as_already_existing(
     subscriber: app.SubscriberApp, stub: Stub
 ) -> None:

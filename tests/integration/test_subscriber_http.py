@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import os
 import re
 import time
@@ -18,6 +19,7 @@ import grpc.aio
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from common import grpc_server
 from common.gen.webhooks.v1 import event_pb2, subscriber_pb2, subscriber_pb2_grpc
 from subscriber import app, inbox
 from tests.subscriber_apps import Handled, SubscriberApps, delivery_token
@@ -200,6 +202,73 @@ async def test_form_body_without_a_payload_field_is_400(
 
     assert status == 400
     assert answer["error"].startswith("payload:")
+    assert await subscriber.inbox.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("event_id", "event_type", "content_type", "field"),
+    [
+        pytest.param("e" * 256, "order.created", "application/json", "event_id", id="event-id"),
+        pytest.param("evt_1", "t" * 256, "application/json", "event_type", id="event-type"),
+        pytest.param("evt_1", "order.created", "a/" + "b" * 254, "content_type", id="content-type"),
+    ],
+)
+async def test_a_field_too_long_to_store_is_400_naming_it_and_records_nothing(
+    subscriber: app.SubscriberApp,
+    http: aiohttp.ClientSession,
+    handled: Handled,
+    event_id: str,
+    event_type: str,
+    content_type: str,
+    field: str,
+) -> None:
+    """A validly signed delivery whose event id or type (from the token) or content type
+    (the header) is longer than the inbox keeps is refused naming it, not stored cut short."""
+    authorization = token(event_id, PAYLOAD.encode(), event_type=event_type)
+
+    status, answer = await post(
+        http, subscriber, PAYLOAD, {"authorization": authorization}, content_type=content_type
+    )
+
+    assert status == 400
+    assert answer["error"].startswith(f"{field}: longer than 255")
+    assert await subscriber.inbox.count() == 0
+    assert handled.entries == []
+
+
+async def test_a_form_body_with_two_payload_fields_is_400(
+    subscriber: app.SubscriberApp, http: aiohttp.ClientSession
+) -> None:
+    """Two payload fields leave open which one the signature was meant for: refused."""
+    body = urllib.parse.urlencode([("payload", PAYLOAD), ("payload", "{}")])
+
+    status, answer = await post(
+        http,
+        subscriber,
+        body,
+        {"authorization": token("evt_form", PAYLOAD.encode())},
+        content_type="application/x-www-form-urlencoded",
+    )
+
+    assert status == 400
+    assert answer["error"].startswith("payload: a form body needs exactly one field, got 2")
+    assert await subscriber.inbox.count() == 0
+
+
+async def test_a_body_over_the_size_limit_is_413_with_a_reason(
+    subscriber: app.SubscriberApp, http: aiohttp.ClientSession
+) -> None:
+    """A body larger than any delivery can be (gRPC's 16 MiB message limit) is refused as
+    too large, in JSON like every other error, and nothing is stored."""
+    body = b"x" * (grpc_server.MAX_MESSAGE_BYTES + 1)
+    headers = {"authorization": token("evt_big", body), "content-type": "text/plain"}
+
+    async with http.post(url(subscriber), data=io.BytesIO(body), headers=headers) as response:
+        status, answer = response.status, await response.json()
+
+    assert status == 413
+    assert answer["error"]
+    assert await subscriber.inbox.count() == 0
 
 
 @pytest.mark.parametrize(
