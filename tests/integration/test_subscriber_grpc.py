@@ -345,6 +345,48 @@ async def test_get_status_without_an_event_id_is_invalid_argument(stub: Stub) ->
     assert (raised.value.details() or "").startswith("event_id:")
 
 
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        pytest.param(with_event(id="evt_\x00"), "event_id", id="event-id"),
+        pytest.param(with_event(type="order.\x00"), "event_type", id="type"),
+        pytest.param(with_event(content_type="a/b; c=\x00"), "content_type", id="content-type"),
+        pytest.param(with_event(delivery_id="dlv_\x00"), "delivery_id", id="delivery-id"),
+    ],
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: subscriber.inbox._check_storable does not refuse NUL, so on "
+    "PostgreSQL the insert fails and Receive answers UNKNOWN (DBAPIError), not INVALID_ARGUMENT",
+)
+async def test_a_nul_character_postgresql_cannot_store_is_refused_alone(
+    start_subscriber: StartSubscriber,
+    stub_for: Callable[[app.SubscriberApp], Stub],
+    handled: Handled,
+    postgres_url: str,
+    req: subscriber_pb2.ReceiveRequest,
+    field: str,
+) -> None:
+    """PostgreSQL refuses NUL in text. A signed request carrying one is INVALID_ARGUMENT
+    naming the field, records nothing, and does not fail the deliveries committed with it."""
+    subscriber = await start_subscriber(f"--database-url={postgres_url}")
+    stub = stub_for(subscriber)
+    bad, metadata = signed_receive(req)
+    good = [receive(stub, request(f"evt_good_{n}")) for n in range(10)]
+    refused = stub.Receive(bad, metadata=metadata, timeout=DEADLINE_SECONDS)
+
+    *answers, outcome = await asyncio.gather(*good, refused, return_exceptions=True)
+
+    assert answers == [False] * 10
+    assert isinstance(outcome, grpc.aio.AioRpcError)
+    assert (outcome.code(), (outcome.details() or "").partition(":")[0]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field,
+    )
+    assert await subscriber.inbox.count() == 10
+    assert sorted(e.event_id for e in handled.entries) == sorted(f"evt_good_{n}" for n in range(10))
+
+
 async def test_same_event_id_with_a_different_payload_is_refused_as_already_existing(
     subscriber: app.SubscriberApp, stub: Stub
 ) -> None:

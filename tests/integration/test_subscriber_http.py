@@ -236,6 +236,37 @@ async def test_a_field_too_long_to_store_is_400_naming_it_and_records_nothing(
     assert handled.entries == []
 
 
+@pytest.mark.parametrize(
+    ("event_id", "event_type", "field"),
+    [
+        pytest.param("evt_\x00", "order.created", "event_id", id="event-id"),
+        pytest.param("evt_1", "order.\x00", "event_type", id="event-type"),
+    ],
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: subscriber.inbox._check_storable does not refuse NUL, so on "
+    "PostgreSQL the insert fails and the receiver answers 500 'internal error', not 400",
+)
+async def test_a_nul_character_postgresql_cannot_store_is_400_and_records_nothing(
+    start_subscriber: StartSubscriber,
+    http: aiohttp.ClientSession,
+    postgres_url: str,
+    event_id: str,
+    event_type: str,
+    field: str,
+) -> None:
+    """PostgreSQL refuses NUL in text: a signed delivery whose token names such an event is
+    a 400 naming the field, not a 500."""
+    subscriber = await start_subscriber(f"--database-url={postgres_url}")
+    authorization = token(event_id, PAYLOAD.encode(), event_type=event_type)
+
+    status, answer = await post(http, subscriber, PAYLOAD, {"authorization": authorization})
+
+    assert (status, answer["error"].partition(":")[0]) == (400, field)
+    assert await subscriber.inbox.count() == 0
+
+
 async def test_a_form_body_with_two_payload_fields_is_400(
     subscriber: app.SubscriberApp, http: aiohttp.ClientSession
 ) -> None:
