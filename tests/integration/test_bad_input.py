@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from common import signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
@@ -237,3 +238,185 @@ async def test_a_refused_emit_among_concurrent_ones_fails_alone(
     requests = [good] * 10 + [bad] + [good] * 10
     outcomes = await asyncio.gather(*(_outcome(_call(stub.Emit, r)) for r in requests))
     assert outcomes == ["OK"] * 10 + ["INVALID_ARGUMENT content_type"] + ["OK"] * 10
+
+
+DAY = 24 * 3600
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+async def test_every_rpc_refuses_missing_ids_and_out_of_range_values_naming_the_field(
+    open_publisher: OpenPublisher,
+) -> None:
+    """What each RPC requires, and each number and enum it bounds, is checked at the servicer:
+    an empty id, a negative page size, an enum value the proto does not define, a batch of
+    none or too many, and durations past their maximum."""
+    stub = (await open_publisher()).stub
+    subscriber_id = (await _register(stub)).subscriber.id
+    pb = publisher_pb2
+
+    def register(**fields: Any) -> Callable[[], Awaitable[Any]]:
+        values: dict[str, Any] = {"name": "n", "endpoint": GRPC_ENDPOINT, **fields}
+        return lambda: stub.RegisterSubscriber(pb.RegisterSubscriberRequest(**values))
+
+    def update(paths: list[str], **fields: Any) -> Callable[[], Awaitable[Any]]:
+        request = pb.UpdateSubscriberRequest(
+            subscriber=pb.Subscriber(**fields), update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return lambda: stub.UpdateSubscriber(request)
+
+    event = pb.EmitRequest(type="order.paid", payload=b"{}")
+    await _check(
+        {
+            "GetSubscriber without an id": (
+                _call(stub.GetSubscriber, pb.GetSubscriberRequest()),
+                "subscriber_id",
+            ),
+            "DeleteSubscriber without an id": (
+                _call(stub.DeleteSubscriber, pb.DeleteSubscriberRequest()),
+                "subscriber_id",
+            ),
+            "GetEvent without an id": (_call(stub.GetEvent, pb.GetEventRequest()), "event_id"),
+            "Redeliver without an id": (
+                _call(stub.Redeliver, pb.RedeliverRequest()),
+                "delivery_id",
+            ),
+            "ListEvents without a subscriber": (
+                _call(stub.ListEvents, pb.ListEventsRequest()),
+                "subscriber_id",
+            ),
+            "UpdateSubscriber without an id": (update(["name"], name="x"), "subscriber.id"),
+            "UpdateSubscriber without a mask": (update([], id=subscriber_id), "update_mask"),
+            "UpdateSubscriber to no state": (
+                update(["state"], id=subscriber_id),
+                "subscriber.state",
+            ),
+            "ListSubscribers page size -1": (
+                _call(stub.ListSubscribers, pb.ListSubscribersRequest(page_size=-1)),
+                "page_size",
+            ),
+            "ListDeliveries page size -1": (
+                _call(stub.ListDeliveries, pb.ListDeliveriesRequest(page_size=-1)),
+                "page_size",
+            ),
+            "ListEvents page size -1": (
+                _call(
+                    stub.ListEvents,
+                    pb.ListEventsRequest(subscriber_id=subscriber_id, page_size=-1),
+                ),
+                "page_size",
+            ),
+            "ListDeliveries in state 9": (
+                _call(stub.ListDeliveries, pb.ListDeliveriesRequest(state=9)),  # type: ignore[arg-type]
+                "state",
+            ),
+            "EmitBatch of none": (_call(stub.EmitBatch, pb.EmitBatchRequest()), "events"),
+            "EmitBatch of 1001": (
+                _call(stub.EmitBatch, pb.EmitBatchRequest(events=[event] * 1001)),
+                "events",
+            ),
+            "previous secret valid for 31 days": (
+                _call(
+                    stub.RotateSecret,
+                    pb.RotateSecretRequest(
+                        subscriber_id=subscriber_id, previous_valid_for=_seconds(31 * DAY)
+                    ),
+                ),
+                "previous_valid_for",
+            ),
+            "replay of a bad pattern": (
+                _call(stub.ReplayDeliveries, pb.ReplayDeliveriesRequest(event_types=["a*b"])),
+                "event_types[0]",
+            ),
+            "201-character name": (register(name="n" * 201), "name"),
+            "2049-character endpoint": (
+                register(endpoint="http://127.0.0.1/" + "a" * 2032),
+                "endpoint",
+            ),
+            "protocol 7": (register(protocol=7), "protocol"),
+            "body format 7": (register(body_format=7), "body_format"),
+            "status URL without {event_id}": (
+                register(status_url="http://127.0.0.1:9/status"),
+                "status_url",
+            ),
+            "retry after more than a day": (
+                register(retry_schedule=[_seconds(DAY + 1)]),
+                "retry_schedule",
+            ),
+        }
+    )
+
+
+async def test_a_refused_update_rotation_or_batch_leaves_everything_as_it_was(
+    open_publisher: OpenPublisher,
+) -> None:
+    """An update naming a good field and a bad one writes neither; a rotation refused for its
+    grace period leaves the old secret the only one; a batch refused for its size writes none
+    of its events. Without an allowlist, an update to a loopback endpoint is refused too."""
+    running = await open_publisher(allow_cidrs=())
+    stub = running.stub
+    registered = await _register(stub)
+    subscriber_id = registered.subscriber.id
+    pb = publisher_pb2
+
+    async def refused(call: Awaitable[Any]) -> str:
+        return await _outcome(lambda: call)
+
+    def update(paths: list[str], **fields: Any) -> Awaitable[Any]:
+        return stub.UpdateSubscriber(
+            pb.UpdateSubscriberRequest(
+                subscriber=pb.Subscriber(id=subscriber_id, **fields),
+                update_mask=field_mask_pb2.FieldMask(paths=paths),
+            )
+        )
+
+    assert await refused(update(["name", "endpoint"], name="after", endpoint="no-port")) == (
+        "INVALID_ARGUMENT endpoint"
+    )
+    assert await refused(
+        update(["name", "endpoint"], name="after", endpoint="http://127.0.0.1:9/in")
+    ) == ("INVALID_ARGUMENT endpoint")
+    assert await refused(update(["name", "state"], name="after")) == (
+        "INVALID_ARGUMENT subscriber.state"
+    )
+    now = (
+        await stub.GetSubscriber(pb.GetSubscriberRequest(subscriber_id=subscriber_id))
+    ).subscriber
+    assert now == registered.subscriber
+
+    new_secret = signing.generate_secret()
+    rotation = pb.RotateSecretRequest(
+        subscriber_id=subscriber_id, secret=new_secret, previous_valid_for=_seconds(31 * DAY)
+    )
+    assert await refused(stub.RotateSecret(rotation)) == "INVALID_ARGUMENT previous_valid_for"
+
+    async def feed_with(secret: str) -> str:
+        token = signing.sign_catch_up(
+            signing.secret_key(secret),
+            subscriber_id=subscriber_id,
+            audience=running.app.settings.issuer,
+            now=time.time(),
+        )
+        request = pb.ListEventsRequest(subscriber_id=subscriber_id)
+        return await refused(
+            stub.ListEvents(request, metadata=(("authorization", f"Bearer {token}"),))
+        )
+
+    assert await feed_with(registered.secret) == "OK"
+    assert (await feed_with(new_secret)).startswith("UNAUTHENTICATED")
+
+    keyed = [
+        pb.EmitRequest(type="order.paid", payload=b"{}", idempotency_key=f"k{n}")
+        for n in range(1001)
+    ]
+    assert await refused(stub.EmitBatch(pb.EmitBatchRequest(events=keyed))) == (
+        "INVALID_ARGUMENT events"
+    )
+    first = await stub.Emit(keyed[0])
+    assert not first.duplicate
+    listing = await stub.ListDeliveries(pb.ListDeliveriesRequest(page_size=1000))
+    assert [d.event_id for d in listing.deliveries] == [first.event_id]
