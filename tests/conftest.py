@@ -34,6 +34,17 @@ POSTGRES_URL = os.environ.get(
     "WEBHOOKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 POSTGRES_REQUIRED = os.environ.get("WEBHOOKS_REQUIRE_POSTGRES") == "1"
+TEST_VARIABLES = frozenset({"WEBHOOKS_TEST_POSTGRES_URL", "WEBHOOKS_REQUIRE_POSTGRES"})
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both programs take their flags' defaults from WEBHOOKS_* variables; one left in the
+    shell that runs the tests (WEBHOOKS_SECRET after trying the README, say) would change
+    what every test starts, in this process and in the ones it spawns."""
+    for name in list(os.environ):
+        if name.startswith("WEBHOOKS_") and name not in TEST_VARIABLES:
+            monkeypatch.delenv(name)
 
 
 async def _postgres_admin() -> asyncpg.Connection:
