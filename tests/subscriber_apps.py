@@ -57,8 +57,15 @@ class SubscriberApps:
 
     async def start(self, *flags: str, handler: handlers.Handler) -> app.SubscriberApp:
         database = self._tmp_path / f"inbox{len(self._started)}.db"
+        # HTTP is off unless ``flags`` say where (the last flag given wins): the default is
+        # the fixed port 8080, which another test run or `make run` may hold.
         config = settings.parse(
-            ["--listen=127.0.0.1:0", f"--database-url=sqlite:///{database}", *flags]
+            [
+                "--listen=127.0.0.1:0",
+                "--http-listen=off",
+                f"--database-url=sqlite:///{database}",
+                *flags,
+            ]
         )
         subscriber = app.SubscriberApp(config, handler=handler)
         await subscriber.start()
