@@ -62,7 +62,12 @@ class Report:
 
 
 class Cluster:
-    """The two services as real processes, restartable, on files in ``workdir``."""
+    """The two services as real processes, restartable, on files in ``workdir``.
+
+    A publisher port of 0 lets the first start pick one; restarts keep it, as clients and
+    the emitter hold its address. The subscriber's port is fixed, since it is registered
+    before the subscriber (which needs the registered id) starts.
+    """
 
     def __init__(self, workdir: Path, publisher_port: int, subscriber_port: int) -> None:
         self.workdir = workdir
@@ -79,7 +84,8 @@ class Cluster:
             ["--listen", self.publisher_address, "--database-url", "sqlite:///publisher.db"],
             cwd=str(self.workdir),
         )
-        await self.publisher.logged("serving")
+        serving = await self.publisher.logged("serving")
+        self.publisher_address = str(serving["grpc"])
 
     async def kill_publisher(self) -> None:
         assert self.publisher is not None
@@ -156,7 +162,7 @@ async def soak(
         raise ValueError(f"kill_at {list(kill_at)}: every mark must be at most events={events}")
     rng = random.Random(seed)
     report = Report(events=events)
-    cluster = Cluster(workdir, free_port(), free_port())
+    cluster = Cluster(workdir, 0, free_port())
     await cluster.start_publisher()
     emitted: dict[str, str] = {}
     try:

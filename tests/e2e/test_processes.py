@@ -41,7 +41,7 @@ def test_both_programs_print_help() -> None:
 
 async def test_whole_path_register_emit_receive_and_ask(tmp_path: Path) -> None:
     """Register, emit, the reference subscriber gets it, GetDelivery and GetStatus agree."""
-    cluster = Cluster(tmp_path, free_port(), free_port())
+    cluster = Cluster(tmp_path, 0, free_port())
     await cluster.start_publisher()
     try:
         async with publisher_stub(cluster.publisher_address) as stub:
@@ -94,7 +94,7 @@ async def test_whole_path_register_emit_receive_and_ask(tmp_path: Path) -> None:
 
 
 async def test_publisher_serves_health_and_reflection(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, free_port(), free_port())
+    cluster = Cluster(tmp_path, 0, free_port())
     await cluster.start_publisher()
     try:
         async with grpc.aio.insecure_channel(cluster.publisher_address) as channel:
@@ -140,7 +140,7 @@ async def test_delivery_workers_leave_when_their_publisher_is_killed(tmp_path: P
 
 async def test_graceful_restart_with_pending_deliveries_loses_nothing(tmp_path: Path) -> None:
     """SIGTERM while deliveries wait for a subscriber that is down; all arrive after restart."""
-    cluster = Cluster(tmp_path, free_port(), free_port())
+    cluster = Cluster(tmp_path, 0, free_port())
     await cluster.start_publisher()
     event_ids = []
     try:
