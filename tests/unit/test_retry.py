@@ -31,7 +31,8 @@ def test_default_schedule_gives_one_attempt_per_slot_plus_the_first_then_none(
     """Failing every attempt at its scheduled time yields len(schedule) + 1 attempts, then None."""
     now = START
     attempts = 1
-    while True:
+    # Bounded: a policy that never gives up must fail this test, not hang the suite.
+    for _ in range(len(SCHEDULE) + 2):
         when = retry.next_attempt_at(
             SCHEDULE, attempts_in_round=attempts, round_started_at=START, now=now, jitter=jitter
         )
