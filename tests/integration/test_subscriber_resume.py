@@ -158,7 +158,8 @@ async def test_an_event_whose_handler_outlasted_the_stop_grace_is_handled_after_
     await asyncio.wait_for(began.wait(), DEADLINE_SECONDS)
     await first.stop()
     exits.set()
-    await ended.wait()
+    # Bounded: a stop that cancelled the handler would leave this unset for ever.
+    await asyncio.wait_for(ended.wait(), DEADLINE_SECONDS)
 
     handled = Handled()
     second = await start(handled)
