@@ -176,6 +176,9 @@ class Inbox:
 
     async def status(self, event_id: str) -> Receipt | None:
         """The event's receipt, or None if it was never recorded."""
+        if "\x00" in event_id:
+            # Never recorded (record refuses it), and PostgreSQL would fail the query.
+            return None
         query = sa.select(table.c.state, table.c.received_at, table.c.receive_count).where(
             table.c.event_id == event_id
         )
@@ -323,6 +326,9 @@ def _check_storable(entry: Entry) -> None:
         except UnicodeEncodeError:
             # HTTP headers with undecodable bytes arrive as lone surrogates.
             raise errors.InvalidArgument(name, "is not valid UTF-8") from None
+        if "\x00" in value:
+            # PostgreSQL text cannot hold NUL: the insert would fail the whole batch.
+            raise errors.InvalidArgument(name, "contains a NUL character")
 
 
 def _row(record: _Record, now: float) -> dict[str, Any]:

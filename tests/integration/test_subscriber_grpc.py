@@ -354,11 +354,6 @@ async def test_get_status_without_an_event_id_is_invalid_argument(stub: Stub) ->
         pytest.param(with_event(delivery_id="dlv_\x00"), "delivery_id", id="delivery-id"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: subscriber.inbox._check_storable does not refuse NUL, so on "
-    "PostgreSQL the insert fails and Receive answers UNKNOWN (DBAPIError), not INVALID_ARGUMENT",
-)
 async def test_a_nul_character_postgresql_cannot_store_is_refused_alone(
     start_subscriber: StartSubscriber,
     stub_for: Callable[[app.SubscriberApp], Stub],
@@ -478,6 +473,23 @@ async def test_get_status_of_an_unseen_event_is_unknown_without_a_time(stub: Stu
 
     assert status.state == subscriber_pb2.RECEIPT_STATE_UNKNOWN
     assert not status.HasField("received_at")
+
+
+async def test_get_status_of_an_event_id_postgresql_cannot_store_is_unknown(
+    start_subscriber: StartSubscriber,
+    stub_for: Callable[[app.SubscriberApp], Stub],
+    postgres_url: str,
+) -> None:
+    """An id with a NUL was never recorded (Receive refuses it): UNKNOWN, not a database error."""
+    stub = stub_for(await start_subscriber(f"--database-url={postgres_url}"))
+
+    status = await stub.GetStatus(
+        subscriber_pb2.GetStatusRequest(event_id="evt_\x00"),
+        metadata=bearer(token("evt_\x00", b"")),
+        timeout=DEADLINE_SECONDS,
+    )
+
+    assert status.state == subscriber_pb2.RECEIPT_STATE_UNKNOWN
 
 
 async def test_get_status_of_a_handled_event_is_processed_with_its_receipt_time(

@@ -243,11 +243,6 @@ async def test_a_field_too_long_to_store_is_400_naming_it_and_records_nothing(
         pytest.param("evt_1", "order.\x00", "event_type", id="event-type"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: subscriber.inbox._check_storable does not refuse NUL, so on "
-    "PostgreSQL the insert fails and the receiver answers 500 'internal error', not 400",
-)
 async def test_a_nul_character_postgresql_cannot_store_is_400_and_records_nothing(
     start_subscriber: StartSubscriber,
     http: aiohttp.ClientSession,
