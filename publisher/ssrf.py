@@ -25,6 +25,8 @@ from common import errors
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 UNRESOLVABLE = "unresolvable"
+# A host aiohttp takes for an IP address (digits and dots, or a colon) that is not one as written.
+NOT_STANDARD = "not-standard"
 # A registration waits this long for DNS before refusing the endpoint.
 REGISTRATION_LOOKUP_SECONDS = 5.0
 # Endpoint hosts are few; the bound only keeps a flood of distinct literals from growing memory.
@@ -90,6 +92,8 @@ class Refused(Exception):
         self.address_class = address_class
         if address_class == UNRESOLVABLE:
             message = f"refused {target}: the name does not resolve"
+        elif address_class == NOT_STANDARD:
+            message = f"refused {target}: not an IP address in standard form (a.b.c.d or [IPv6])"
         else:
             message = f"refused {target}: {address_class} address (allow it with --allow-cidr)"
         super().__init__(message)
@@ -137,7 +141,8 @@ def bypasses_resolver(host: str) -> bool:
 
     aiohttp takes any host with a colon, or made only of digits and dots, for an
     IP literal and connects to it directly, so such hosts must be checked before
-    the request instead of in ``GuardedResolver``.
+    the request instead of in ``GuardedResolver``, and must be addresses as
+    written: the socket layer resolves anything else itself at connect time.
     """
     return ":" in host or host.replace(".", "").isdigit()
 
@@ -175,12 +180,20 @@ class Guard:
         known = self._literals.get(host)
         if known is None:
             literal = ip_literal(host)
-            known = (literal, None if literal is None else self._refusal(literal))
+            if literal is not None:
+                known = (literal, self._refusal(literal))
+            elif bypasses_resolver(host):
+                # aiohttp 3.13 hands such a host to the socket, which looks it up again
+                # (a name like 1.2.3.4.5 goes to DNS): checking an answer here would not
+                # check the address connected to. Later releases refuse it at send time.
+                known = (None, NOT_STANDARD)
+            else:
+                known = (None, None)
             if len(self._literals) < _REMEMBERED_LITERALS:
                 self._literals[host] = known
         literal, refusal = known
         if refusal is not None:
-            raise Refused(str(literal), refusal)
+            raise Refused(host if literal is None else str(literal), refusal)
         return literal
 
     async def resolve(

@@ -436,6 +436,18 @@ async def test_registration_refuses_endpoints_that_are_not_public(
     assert list(listing.subscribers) == []
 
 
+async def test_registration_refuses_a_host_that_only_decodes_to_an_address(
+    open_publisher: OpenPublisher,
+) -> None:
+    """134744072 is 8.8.8.8 to the C resolver, but not an address as written: refused with
+    INVALID_ARGUMENT, as each delivery to it would be."""
+    stub = (await open_publisher(allow_cidrs=())).stub
+    details = await registration_refusal(stub, "http://134744072/hook")
+    assert details == (
+        "endpoint: refused 134744072: not an IP address in standard form (a.b.c.d or [IPv6])"
+    )
+
+
 async def test_an_allowlist_opens_its_ranges_and_nothing_else(
     open_publisher: OpenPublisher,
 ) -> None:

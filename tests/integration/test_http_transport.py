@@ -443,6 +443,39 @@ async def test_a_name_is_resolved_once_and_the_checked_address_is_the_one_connec
     assert received.headers["host"] == f"partner.example:{port}"
 
 
+async def test_a_numeric_name_that_is_not_an_address_is_not_sent_nor_looked_up(
+    monkeypatch: pytest.MonkeyPatch, subscriber: Subscriber
+) -> None:
+    """aiohttp hands a host of digits and dots to the socket, which looks it up again at
+    connect time: checking one DNS answer (public here) would let the connect use another
+    (loopback, which this guard refuses)."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real_getaddrinfo: Callable[..., Any] = loop.getaddrinfo
+
+    async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "1.2.3.4.5":
+            return await real_getaddrinfo(host, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.215.14" if len(lookups) == 1 else "127.0.0.1"
+        return await real_getaddrinfo(address, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    port = subscriber.base.rsplit(":", 1)[1]
+    sender = http_transport.HttpTransport(guard=ssrf.Guard([]))
+    try:
+        result = await send(sender, make_attempt(f"http://1.2.3.4.5:{port}/ok"))
+    finally:
+        await sender.close()
+
+    assert result.outcome is tx.Outcome.FAILED
+    assert result.error == (
+        "not sent: refused 1.2.3.4.5: not an IP address in standard form (a.b.c.d or [IPv6])"
+    )
+    assert lookups == []
+    assert subscriber.received == []
+
+
 async def test_an_unguarded_transport_delivers_to_loopback(subscriber: Subscriber) -> None:
     sender = http_transport.HttpTransport(guard=None)
     try:

@@ -191,6 +191,27 @@ async def test_ip_literals_are_checked_without_a_dns_lookup(
     assert looked_up == []
 
 
+@pytest.mark.parametrize(
+    "host", ["1.2.3.4.5", "134744072", "8.8.8.8.", "0010.0.0.1", "8.8.8", "::ffff:8.8.8.8.8"]
+)
+async def test_hosts_aiohttp_connects_to_unresolved_must_be_addresses_as_written(
+    fake_dns: Callable[[Mapping[str, list[str]]], list[str]], host: str
+) -> None:
+    """A host of digits and dots (or with a colon) that is not an address is refused without
+    a lookup, public answer or not: the socket layer would resolve it again itself, so the
+    address checked need not be the one connected to."""
+    looked_up = fake_dns({host: ["8.8.8.8"]})
+    guard = ssrf.Guard(["0.0.0.0/0", "::/0"])
+    for _ in range(2):
+        with pytest.raises(ssrf.Refused) as caught:
+            await guard.resolve(host, 443)
+        assert caught.value.address_class == ssrf.NOT_STANDARD
+        assert str(caught.value) == (
+            f"refused {host}: not an IP address in standard form (a.b.c.d or [IPv6])"
+        )
+    assert looked_up == []
+
+
 async def test_one_refused_address_in_a_dns_answer_refuses_the_name(
     fake_dns: Callable[[Mapping[str, list[str]]], list[str]],
 ) -> None:
@@ -216,8 +237,9 @@ async def test_a_public_dns_answer_comes_back_checked_and_deduplicated(
         ("http://[::ffff:169.254.169.254]/latest/meta-data", "link-local"),
         ("https://[fd00::1]/hook", "unique-local"),
         ("http://localhost/hook", "loopback"),
-        # Legacy numeric forms that the C resolver maps onto 127.0.0.1.
-        ("http://2130706433/hook", "loopback"),
+        # Legacy numeric forms that the C resolver maps onto 127.0.0.1: aiohttp sends those
+        # of digits and dots to the socket without the guarded resolver, the others through it.
+        ("http://2130706433/hook", ssrf.NOT_STANDARD),
         ("http://0x7f.1/hook", "loopback"),
         ("http://nonexistent.invalid/hook", ssrf.UNRESOLVABLE),
     ],
