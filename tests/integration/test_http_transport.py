@@ -476,6 +476,40 @@ async def test_a_numeric_name_that_is_not_an_address_is_not_sent_nor_looked_up(
     assert subscriber.received == []
 
 
+async def test_proxy_variables_in_the_environment_are_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+    subscriber: Subscriber,
+    transport: http_transport.HttpTransport,
+) -> None:
+    """The POST and the status question go straight to the checked address, never through
+    HTTP_PROXY and the like: a proxy would look the host up itself, past the guard."""
+    proxied: list[str] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        proxied.append(str(request.url))
+        return web.Response(status=204)
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{path:.*}", record)
+    async with on_loopback(proxy) as proxy_url:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, proxy_url)
+            monkeypatch.setenv(name.lower(), proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        attempt = make_attempt(
+            subscriber.url("/ok"), status_url=subscriber.url("/status/404?event={event_id}")
+        )
+        result = await send(transport, attempt)
+        async with asyncio.timeout(DEADLINE):
+            receipt = await transport.status(attempt)
+
+    assert result.outcome is tx.Outcome.DELIVERED
+    assert receipt is tx.Receipt.MISSING
+    assert subscriber.paths() == ["/ok", "/status/404"]
+    assert proxied == []
+
+
 async def test_an_unguarded_transport_delivers_to_loopback(subscriber: Subscriber) -> None:
     sender = http_transport.HttpTransport(guard=None)
     try:
