@@ -429,6 +429,28 @@ async def test_caller_outside_the_ip_allowlist_is_403_with_a_reason(
     assert await fenced.inbox.count() == 0
 
 
+async def test_forwarding_headers_do_not_change_the_address_the_allowlist_checks(
+    start_subscriber: StartSubscriber, http: aiohttp.ClientSession, handled: Handled
+) -> None:
+    """X-Forwarded-For, Forwarded and X-Real-IP naming an allowed address do not let a
+    caller from another address in, with a delivery that is otherwise valid."""
+    fenced = await start_subscriber("--allow-ip=10.0.0.0/8")
+    claimed = {
+        "x-forwarded-for": "10.0.0.1",
+        "forwarded": "for=10.0.0.1",
+        "x-real-ip": "10.0.0.1",
+    }
+
+    status, answer = await post(
+        http, fenced, PAYLOAD, {**signed_headers("evt_1", PAYLOAD), **claimed}
+    )
+
+    assert status == 403
+    assert "127.0.0.1 is not in the IP allowlist" in answer["error"]
+    assert await fenced.inbox.count() == 0
+    assert handled.entries == []
+
+
 async def get_status(
     http: aiohttp.ClientSession, subscriber: app.SubscriberApp, event_id: str, authorization: str
 ) -> tuple[int, Any]:
