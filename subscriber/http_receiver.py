@@ -19,7 +19,7 @@ import urllib.parse
 
 from aiohttp import typedefs, web
 
-from common import errors, grpc_server, log
+from common import errors, grpc_server, log, signing
 from subscriber import handlers, inbox, verifier
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,18 @@ class _Routes:
 
     async def receive(self, request: web.Request) -> web.Response:
         self._checks.check_address(verifier.parse_address(request.remote))
+        headers = request.headers
+        authorization = headers.get("authorization")
+        if authorization is None:
+            raise errors.Unauthenticated(
+                "unsigned: authorization: Bearer <token> is required; webhook-signature alone "
+                "does not cover the event type nor the content type"
+            )
+        # The token before the body: a request nobody signed is refused before it can
+        # make this process hold its body (up to grpc_server.MAX_MESSAGE_BYTES).
+        claims = self._checks.delivery_token(authorization)
         body = await request.read()
         payload, content_type = _payload(request, body)
-        headers = request.headers
 
         standard_id: str | None = None
         signature = headers.get("webhook-signature")
@@ -97,13 +106,7 @@ class _Routes:
                 headers.get("webhook-id"), headers.get("webhook-timestamp"), signature, body
             )
             standard_id = headers["webhook-id"]
-        authorization = headers.get("authorization")
-        if authorization is None:
-            raise errors.Unauthenticated(
-                "unsigned: authorization: Bearer <token> is required; webhook-signature alone "
-                "does not cover the event type nor the content type"
-            )
-        claims = self._checks.delivery(authorization, payload)
+        signing.check_payload(claims, payload)
         if not claims.event_type:
             raise errors.Unauthenticated(
                 "token has no event_type: the webhook-event-type header is not signed"

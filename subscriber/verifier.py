@@ -101,6 +101,12 @@ class Verifier:
         token = signing.bearer_token(authorization)
         return signing.verify_delivery(token, self._keys, audience=self._audience, payload=payload)
 
+    def delivery_token(self, authorization: str | None) -> signing.DeliveryClaims:
+        """The claims of a valid delivery token, before its body is read: the caller
+        checks the body with ``signing.check_payload``."""
+        token = signing.bearer_token(authorization)
+        return signing.delivery_token(token, self._keys, audience=self._audience)
+
     def status_query(self, authorization: str | None, event_id: str) -> None:
         """A status query carries a status token for ``event_id`` (see signing.verify_status)."""
         token = signing.bearer_token(authorization)

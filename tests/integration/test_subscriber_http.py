@@ -3,6 +3,7 @@ and PyJWT, recorded in a real SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import io
@@ -27,6 +28,8 @@ from tests.subscriber_apps import Handled, SubscriberApps, delivery_token
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
 AUDIENCE = "sub_http"
+# A guard against a hang, far above what any answer here takes.
+DEADLINE_SECONDS = 20.0
 TOLERANCE_SECONDS = 300
 PAYLOAD = '{"order":1,"total":"9.90"}'
 
@@ -189,15 +192,13 @@ async def test_form_body_records_the_exact_bytes_of_its_payload_field(
 async def test_form_body_without_a_payload_field_is_400(
     subscriber: app.SubscriberApp, http: aiohttp.ClientSession
 ) -> None:
-    """A form that does not carry the event is malformed, whatever its signature."""
+    """A form that does not carry the event is malformed, however well signed."""
     body = urllib.parse.urlencode({"data": PAYLOAD})
+    headers = standard_headers("msg_1", body)
+    headers["authorization"] = token("msg_1", PAYLOAD.encode())
 
     status, answer = await post(
-        http,
-        subscriber,
-        body,
-        standard_headers("msg_1", body),
-        content_type="application/x-www-form-urlencoded",
+        http, subscriber, body, headers, content_type="application/x-www-form-urlencoded"
     )
 
     assert status == 400
@@ -297,16 +298,25 @@ async def test_a_body_over_the_size_limit_is_413_with_a_reason(
     assert await subscriber.inbox.count() == 0
 
 
+def good_token() -> str:
+    """A valid delivery token for msg_1 and PAYLOAD, made when the test runs (it expires)."""
+    return token("msg_1", PAYLOAD.encode())
+
+
 @pytest.mark.parametrize(
     ("make_headers", "reason"),
     [
         pytest.param(
-            lambda: standard_headers("msg_1", PAYLOAD + " "),
+            lambda: {**standard_headers("msg_1", PAYLOAD + " "), "authorization": good_token()},
             "no valid webhook-signature",
             id="standard-other-body",
         ),
         pytest.param(
-            lambda: {**standard_headers("msg_1", PAYLOAD), "webhook-id": "msg_2"},
+            lambda: {
+                **standard_headers("msg_1", PAYLOAD),
+                "webhook-id": "msg_2",
+                "authorization": good_token(),
+            },
             "no valid webhook-signature",
             id="standard-other-id",
         ),
@@ -332,11 +342,49 @@ async def test_bad_signature_is_401_with_a_reason_and_records_nothing(
     assert await subscriber.inbox.count() == 0
 
 
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param(None, id="unsigned"),
+        pytest.param(
+            "Bearer "
+            + delivery_token("evt_1", b"{}", key=os.urandom(32), audience=AUDIENCE, event_type="t"),
+            id="another-key",
+        ),
+    ],
+)
+async def test_a_request_without_a_good_token_is_refused_before_its_body_is_read(
+    subscriber: app.SubscriberApp, authorization: str | None
+) -> None:
+    """The body is not waited for, let alone held, when the token already fails: the 401
+    comes while most of a 1 MB body has not been sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", subscriber.http_port)
+    try:
+        head = [
+            "POST /webhooks HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Content-Type: application/json",
+            "Content-Length: 1000000",
+        ]
+        if authorization is not None:
+            head.append(f"Authorization: {authorization}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + b"{" * 1000)
+        await writer.drain()
+        # Only a guard against a hang: the answer must come without the rest of the body.
+        status_line = await asyncio.wait_for(reader.readline(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+
+    assert status_line.split()[1] == b"401"
+    assert await subscriber.inbox.count() == 0
+
+
 async def test_stale_timestamp_is_401_even_with_a_valid_signature(
     subscriber: app.SubscriberApp, http: aiohttp.ClientSession
 ) -> None:
     """A captured request replayed after the tolerance window is refused."""
     headers = standard_headers("msg_1", PAYLOAD, age_seconds=TOLERANCE_SECONDS + 60)
+    headers["authorization"] = token("msg_1", PAYLOAD.encode())
 
     status, answer = await post(http, subscriber, PAYLOAD, headers)
 
