@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from common import log, signing
 from common.gen.webhooks.v1 import event_pb2, publisher_pb2, publisher_pb2_grpc
-from publisher import model, validation
+from publisher import model, paging, validation
 from publisher.store import Store
 
 logger = logging.getLogger("publisher.servicer")
@@ -84,11 +84,13 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         self, request: publisher_pb2.ListSubscribersRequest, context: Context
     ) -> publisher_pb2.ListSubscribersResponse:
         limit = validation.page_size(request.page_size)
-        after = validation.page_token(request.page_token)
+        after = paging.after(request.page_token, "subscribers", ())
         found = await self._store.list_subscribers(limit, after)
         return publisher_pb2.ListSubscribersResponse(
             subscribers=[_subscriber(s) for s in found],
-            next_page_token=found[-1].id if len(found) == limit else "",
+            next_page_token=paging.token("subscribers", (), found[-1].id)
+            if len(found) == limit
+            else "",
         )
 
     async def UpdateSubscriber(
@@ -199,11 +201,15 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             subscriber_id=validation.optional_id(request.subscriber_id, "subscriber_id"),
             state=validation.delivery_state(request.state),
         )
-        after = validation.page_token(request.page_token)
+        # A token goes on only with the filters it was given with.
+        filters = (where.event_id, where.subscriber_id, where.state or "")
+        after = paging.after(request.page_token, "deliveries", filters)
         found = await self._store.list_deliveries(where, limit, after)
         return publisher_pb2.ListDeliveriesResponse(
             deliveries=[_delivery(d) for d in found],
-            next_page_token=found[-1].id if len(found) == limit else "",
+            next_page_token=paging.token("deliveries", filters, found[-1].id)
+            if len(found) == limit
+            else "",
         )
 
     async def GetDelivery(

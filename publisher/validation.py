@@ -283,11 +283,6 @@ def optional_id(value: str, field: str) -> str:
     return value
 
 
-def page_token(value: str) -> str:
-    _no_control(value, "page_token")
-    return value
-
-
 def _no_control(value: str, field: str) -> None:
     found = _CONTROL.search(value)
     if found:

@@ -672,23 +672,19 @@ def test_required_id_rejects_empty_and_names_the_field() -> None:
 
 
 @pytest.mark.parametrize("value", ["sub_\x00", "sub\n", "\tsub_1", "sub_\x7f"])
-def test_ids_and_page_tokens_with_control_characters_are_rejected(value: str) -> None:
-    """PostgreSQL refuses a NUL in a query's text; no id or token holds a control character."""
+def test_ids_with_control_characters_are_rejected(value: str) -> None:
+    """PostgreSQL refuses a NUL in a query's text; no id holds a control character."""
     with _invalid("subscriber_id"):
         validation.required_id(value, "subscriber_id")
     with _invalid("event_id"):
         validation.optional_id(value, "event_id")
-    with _invalid("page_token"):
-        validation.page_token(value)
     with _invalid("subscriber_id"):
         validation.replay_filter(value, ["order.*"])
 
 
-def test_optional_ids_and_page_tokens_may_be_empty() -> None:
+def test_optional_ids_may_be_empty() -> None:
     assert validation.optional_id("", "event_id") == ""
     assert validation.optional_id("evt_1", "event_id") == "evt_1"
-    assert validation.page_token("") == ""
-    assert validation.page_token("sub_1") == "sub_1"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,50 @@
+"""Page tokens of the listing RPCs, bound to the listing and the filters they came from.
+
+A token is opaque to callers: base64 of the listing's name, its filters and the key
+of the last row listed. Given to another listing, or with other filters, a bare key
+would go on somewhere else and skip or repeat rows without a word; such a token is
+refused with INVALID_ARGUMENT naming ``page_token`` instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+
+from common import errors
+
+FIELD = "page_token"
+
+
+def token(listing: str, filters: Sequence[str], after: str) -> str:
+    """The token of the page after the row whose key is ``after``."""
+    text = json.dumps([listing, list(filters), after], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def after(value: str, listing: str, filters: Sequence[str]) -> str:
+    """The key a page goes on after, from a token ``token`` gave for ``listing`` and
+    ``filters``; empty for the first page."""
+    if not value:
+        return ""
+    try:
+        padded = value + "=" * (-len(value) % 4)
+        decoded = json.loads(base64.b64decode(padded, altchars=b"-_", validate=True))
+    except (ValueError, binascii.Error):
+        raise errors.InvalidArgument(FIELD, "not a page token this service gave") from None
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 3
+        or not isinstance(decoded[2], str)
+        or not decoded[2]
+    ):
+        raise errors.InvalidArgument(FIELD, "not a page token this service gave")
+    if decoded[:2] != [listing, list(filters)]:
+        raise errors.InvalidArgument(
+            FIELD,
+            "from another listing or other filters: repeat the request the token came "
+            "with, or start again without a token",
+        )
+    return decoded[2]
