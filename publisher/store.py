@@ -34,6 +34,11 @@ T = TypeVar("T")
 
 logger = logging.getLogger("publisher.store")
 
+# Payload bytes in one page of the catch-up feed. gRPC clients refuse a message over 4 MiB
+# unless told otherwise, and a page of the largest default payloads (1 MiB) would be far
+# over it, so the subscriber would ask for the same page forever. The rest of an event (id,
+# type, content type: under 500 bytes) leaves room for a full page of 1,000 small ones.
+FEED_PAGE_BYTES = 3 * 1024 * 1024
 # Events per emit transaction; a batch emit of 1,000 still goes in one piece.
 MAX_EMIT_BATCH = 1000
 MAX_RECORD_BATCH = 1000
@@ -744,21 +749,39 @@ class Store:
     ) -> tuple[list[model.Event], int]:
         """The catch-up feed: events ``subscriber_id`` has a delivery of, in emit order.
 
-        Returns the events after ``after_seq`` and the cursor to continue from.
+        Returns the events after ``after_seq`` and the cursor to continue from: at
+        most ``limit`` of them, and fewer when their payloads pass FEED_PAGE_BYTES
+        (never none while there is one).
         """
-        query = (
-            sa.select(events)
+        mine = (deliveries.c.subscriber_id == subscriber_id, events.c.seq > after_seq)
+        # The sizes first, read without the payloads (both databases keep a value's length).
+        sizes = (
+            sa.select(events.c.seq, sa.func.length(events.c.payload))
             .select_from(events.join(deliveries))
-            .where(deliveries.c.subscriber_id == subscriber_id, events.c.seq > after_seq)
+            .where(*mine)
             .order_by(events.c.seq)
             .limit(limit)
         )
 
         def work(conn: Connection) -> Sequence[Any]:
             _load_subscriber(conn, subscriber_id)
-            return conn.execute(query).all()
+            last, total = None, 0
+            for seq, size in conn.execute(sizes):
+                total += size
+                if last is not None and total > FEED_PAGE_BYTES:
+                    break
+                last = seq
+            if last is None:
+                return []
+            page = (
+                sa.select(events)
+                .select_from(events.join(deliveries))
+                .where(*mine, events.c.seq <= last)
+                .order_by(events.c.seq)
+            )
+            return conn.execute(page).all()
 
-        rows = await self._run(work)
+        rows = await self._run(work, snapshot=True)
         found = [_event(row._mapping) for row in rows]
         return found, rows[-1].seq if rows else after_seq
 

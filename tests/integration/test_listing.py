@@ -5,12 +5,15 @@ Runs on an SQLite file and on PostgreSQL (the parametrised ``database_url`` fixt
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 
 import grpc
 import grpc.aio
+import pytest
 from google.protobuf import field_mask_pb2
 
+from common import signing
 from common.gen.webhooks.v1 import publisher_pb2
 from tests.support import OpenPublisher
 
@@ -97,3 +100,60 @@ async def test_a_page_token_continues_only_the_listing_and_filters_it_came_from(
         refused, grpc.StatusCode.INVALID_ARGUMENT
     )
     assert all(details.startswith("page_token:") for _, details in outcomes.values()), outcomes
+
+
+# The reference subscriber's catch-up page size, and the default payload limit.
+CATCH_UP_PAGE = 100
+MEBIBYTE = 1024 * 1024
+
+
+async def test_catch_up_pages_fit_a_default_client_whatever_the_payloads(
+    open_publisher: OpenPublisher,
+) -> None:
+    """Events of the largest default payload, asked for a hundred at a time over a channel
+    with gRPC's default 4 MiB receive limit: every page arrives, and they hold every event
+    once, in order (a page of them all would be refused by the client for its size)."""
+    running = await open_publisher()
+    stub = running.stub
+    registered = await stub.RegisterSubscriber(
+        pb.RegisterSubscriberRequest(name="behind", endpoint="127.0.0.1:1")
+    )
+    subscriber_id = registered.subscriber.id
+    await stub.UpdateSubscriber(
+        pb.UpdateSubscriberRequest(
+            subscriber=pb.Subscriber(id=subscriber_id, state=pb.SUBSCRIBER_STATE_PAUSED),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+        )
+    )
+    emitted = []
+    for index in range(6):
+        payload = bytes([index]) * MEBIBYTE
+        response = await stub.Emit(
+            pb.EmitRequest(type="order.paid", payload=payload, content_type="application/x-bin")
+        )
+        emitted.append(response.event_id)
+    token = signing.sign_catch_up(
+        signing.secret_key(registered.secret),
+        subscriber_id=subscriber_id,
+        audience=running.app.settings.issuer,
+        now=time.time(),
+    )
+
+    seen: list[str] = []
+    cursor = ""
+    for _ in range(len(emitted) + 1):
+        try:
+            page = await stub.ListEvents(
+                pb.ListEventsRequest(
+                    subscriber_id=subscriber_id, cursor=cursor, page_size=CATCH_UP_PAGE
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        except grpc.aio.AioRpcError as error:
+            pytest.fail(f"the page after cursor {cursor!r}: {error.code()} {error.details()}")
+        assert all(len(event.payload) == MEBIBYTE for event in page.events)
+        seen += [event.id for event in page.events]
+        if not page.events:
+            break
+        cursor = page.next_cursor
+    assert seen == emitted
