@@ -2,7 +2,9 @@
 
 Without it the database grows for as long as it lives. An event goes only when
 every delivery of it is settled (delivered or dead-lettered), so nothing still
-owed to a subscriber is lost, however old. What goes with it: GetEvent and
+owed to a subscriber is lost, however old, and has been settled for ``--retention``
+too, so that a delivery dead-lettered today can still be told of and redelivered
+(see store.expired_events). What goes with it: GetEvent and
 GetDelivery answer NOT_FOUND, the catch-up feed no longer lists it, and its
 idempotency key may be used again. The newest event always stays (see
 store.expired_events).

@@ -658,8 +658,9 @@ class Store:
 
     async def prune(self, before: float, limit: int) -> int:
         """Deletes up to ``limit`` events created before ``before`` whose every delivery is
-        settled (delivered or dead-lettered), with those deliveries and their attempts;
-        returns how many events went. Events still owed to anyone stay, however old."""
+        settled (delivered or dead-lettered) since before then, with those deliveries and
+        their attempts; returns how many events went. Events still owed to anyone stay,
+        however old."""
         doomed = expired_events(before, limit)
 
         def work(conn: Connection) -> int:
@@ -673,11 +674,11 @@ class Store:
             # Their deliveries, locked and read again: on PostgreSQL a Redeliver may have
             # made one owed since the query above, and its event must stay.
             lock = (
-                sa.select(deliveries.c.event_id, deliveries.c.state)
+                sa.select(deliveries.c.event_id, _kept(before).label("kept"))
                 .where(deliveries.c.event_id.in_(ids))
                 .with_for_update()
             )
-            owed_now = {row.event_id for row in conn.execute(lock) if row.state not in _SETTLED}
+            owed_now = {row.event_id for row in conn.execute(lock) if row.kept}
             ids = [event_id for event_id in ids if event_id not in owed_now]
             if not ids:
                 return 0
@@ -1094,11 +1095,22 @@ PRUNE_LOCK_KEY = 0x7768_7072_756E_6500
 _TAKE_PRUNE_TURN = sa.select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK_KEY))
 
 
+def _kept(before: float) -> sa.ColumnElement[bool]:
+    """A delivery that keeps its event: still owed, or settled at or after ``before``.
+
+    Retention counts from when a delivery settled, not from its event: one
+    dead-lettered today, of an event emitted long ago (the subscriber was paused, or
+    it was replayed), is still to be told of in a digest and to be redelivered.
+    """
+    return sa.or_(deliveries.c.state.not_in(_SETTLED), deliveries.c.updated_at >= before)
+
+
 def expired_events(before: float, limit: int) -> sa.Select[tuple[str]]:
-    """The ids of up to ``limit`` events created before ``before`` that nobody is owed."""
+    """The ids of up to ``limit`` events created before ``before`` that nobody is owed,
+    whose deliveries all settled before then."""
     owed = (
         sa.select(deliveries.c.id)
-        .where(deliveries.c.event_id == events.c.id, deliveries.c.state.not_in(_SETTLED))
+        .where(deliveries.c.event_id == events.c.id, _kept(before))
         .exists()
     )
     # The newest event stays, however old: SQLite numbers a new row one past the highest

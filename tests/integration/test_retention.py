@@ -112,6 +112,31 @@ async def test_settled_events_past_retention_go_and_owed_or_recent_ones_stay(
     assert again.event_id != delivered.event_id
 
 
+async def test_an_old_event_stays_for_the_retention_after_its_delivery_settled(
+    store: Store, clock: Clock
+) -> None:
+    """An event past --retention whose delivery was dead-lettered only now (after a long
+    pause, or a replay) stays for as long again: the digest can still name it and an
+    operator can still Redeliver it. Once it has been settled that long, it goes."""
+    sub = await subscriber(store, "a")
+    late = await emit(store, "a.paid")
+    await settle(store, clock, model.DeliveryState.PENDING)  # Failed once, retried in an hour.
+    clock.now = T0 + 3600
+    await settle(store, clock, model.DeliveryState.FAILED)  # Dead-lettered at T0 + 3600.
+    await emit(store, "a.paid")  # The newest, which stays anyway.
+
+    assert await store.prune(before=T0 + 1000, limit=10) == 0
+    (dead,), _ = await store.dead_letters(sub, 10)
+    assert dead.event_id == late.event_id
+    redelivered = await store.redeliver(dead.delivery_id)
+    assert redelivered.state == model.DeliveryState.PENDING
+    await settle(store, clock, model.DeliveryState.FAILED)  # Dead-lettered again, at T0 + 3600.
+
+    assert await store.prune(before=T0 + 3601, limit=10) == 1
+    with pytest.raises(errors.NotFound):
+        await store.get_event(late.event_id)
+
+
 async def test_a_prune_takes_at_most_its_limit_and_the_job_takes_them_all(
     store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
