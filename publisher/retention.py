@@ -25,8 +25,9 @@ from publisher.store import Store
 
 logger = logging.getLogger("publisher.retention")
 
-# Events deleted per transaction: on SQLite a transaction holds the only write lock, and
-# emits wait behind it.
+# Events deleted per transaction at most (fewer when they have many deliveries, see
+# store.PRUNE_DELIVERIES): on SQLite a transaction holds the only write lock, and emits wait
+# behind it.
 BATCH = 500
 
 
@@ -40,11 +41,10 @@ class Retention:
         """Deletes what has expired, a batch per transaction; returns how many events went."""
         before = self._now() - self._keep
         total = 0
-        while True:
-            gone = await self._store.prune(before, BATCH)
+        # Until a batch finds nothing: one that took fewer than BATCH events may have
+        # stopped at its deliveries' budget.
+        while gone := await self._store.prune(before, BATCH):
             total += gone
-            if gone < BATCH:
-                break
             await asyncio.sleep(0)  # Emits and claims get their turn between batches.
         if total:
             log.event(logger, "pruned", events=total, older_than=before)

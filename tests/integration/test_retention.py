@@ -155,6 +155,44 @@ async def test_a_prune_takes_at_most_its_limit_and_the_job_takes_them_all(
     assert await count(store, deliveries) == 1
 
 
+async def test_a_prune_stops_at_its_deliveries_and_the_job_goes_on_to_the_end(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events sent to many subscribers go a few per transaction, so that no prune holds the
+    database long (on SQLite it holds the only write lock, and emits wait behind it): a
+    prune stops before its deliveries pass the budget, one event over it alone still goes,
+    and the job goes on until every expired event is gone."""
+    for prefix in ("a", "b", "c"):
+        await subscriber(store, prefix)
+    for _ in range(4):
+        await emit(store, "all.news")  # Three deliveries each.
+    await settle(store, clock, model.DeliveryState.DELIVERED)
+    clock.now = T0 + 100
+    await emit(store, "nobody.listens")  # The newest, which stays anyway.
+    monkeypatch.setattr(store_module, "PRUNE_DELIVERIES", 5)
+
+    assert await store.prune(before=T0 + 50, limit=10) == 1
+    assert await count(store, deliveries) == 9
+    monkeypatch.setattr(store_module, "PRUNE_DELIVERIES", 2)
+    assert await store.prune(before=T0 + 50, limit=10) == 1
+    assert await count(store, deliveries) == 6
+
+    deleted: list[int] = []
+    prune = store.prune
+
+    async def counted(before: float, limit: int) -> int:
+        ahead = await count(store, deliveries)
+        gone = await prune(before, limit)
+        deleted.append(ahead - await count(store, deliveries))
+        return gone
+
+    monkeypatch.setattr(store, "prune", counted)
+    assert await retention.Retention(store, keep=50.0, now=clock).run_once() == 2
+    assert deleted[:2] == [3, 3]
+    assert set(deleted[2:]) <= {0}
+    assert await count(store, deliveries) == 0
+
+
 async def test_the_newest_event_stays_so_that_no_event_is_numbered_twice(
     store: Store, clock: Clock
 ) -> None:
