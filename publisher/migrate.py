@@ -17,7 +17,9 @@ loop, so each command runs in a worker thread and can be awaited from a running 
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
+import time
 
 import sqlalchemy as sa
 from alembic import command
@@ -28,12 +30,24 @@ from alembic.util import CommandError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from common import db, errors
+from common import db, errors, log
+
+logger = logging.getLogger("publisher.migrate")
 
 SCRIPT_LOCATION = pathlib.Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version"
 # The revision whose tables are those ``metadata.create_all`` made before migrations existed.
 BASELINE = "0001"
+
+# PostgreSQL: one migration of a database at a time. Replicas deployed together may each run
+# ``webhook-publisher migrate`` as they start; two at once would both create the first tables
+# (one fails), or both build and drop the same index CONCURRENTLY, each outside a transaction,
+# until one fails to move the revision the other already moved. A session lock, so that it
+# outlives the commits of those index builds; the key is "whmigrat" in ASCII.
+MIGRATION_LOCK_KEY = 0x7768_6D69_6772_6174
+_TAKE_MIGRATION_TURN = sa.select(sa.func.pg_try_advisory_lock(MIGRATION_LOCK_KEY))
+# How often a migration waiting for its turn asks again.
+TURN_POLL_SECONDS = 0.5
 
 
 class SchemaMismatch(errors.WebhooksError):
@@ -130,6 +144,29 @@ async def ensure_current(url: str, *, create_if_empty: bool) -> None:
         current=revision,
         head=target,
     )
+
+
+def take_turn(connection: sa.Connection) -> None:
+    """Waits until no other migration runs on this PostgreSQL database; the turn is held
+    until ``connection`` closes. SQLite's migrations hold the database file's lock instead.
+
+    It asks again and again rather than waiting in the lock: a statement waiting holds a
+    snapshot, which the running migration's CREATE INDEX CONCURRENTLY waits for in turn,
+    and PostgreSQL ends one of the two as a deadlock. Between questions no transaction
+    is open.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    waited = False
+    while True:
+        taken = connection.scalar(_TAKE_MIGRATION_TURN)
+        connection.commit()
+        if taken:
+            return
+        if not waited:
+            log.event(logger, "migration_waiting", logging.WARNING, reason="another one runs")
+            waited = True
+        time.sleep(TURN_POLL_SECONDS)
 
 
 async def _inspect(url: str) -> tuple[str | None, set[str]]:

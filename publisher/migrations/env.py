@@ -13,10 +13,12 @@ from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from common import db
-from publisher import schema
+from publisher import migrate, schema
 
 
 def _run(connection: sa.Connection) -> None:
+    # Before Alembic reads the revision: a migration that waited finds the other's result.
+    migrate.take_turn(connection)
     context.configure(
         connection=connection,
         target_metadata=schema.metadata,

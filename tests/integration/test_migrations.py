@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -463,3 +465,58 @@ async def test_an_index_build_that_broke_off_is_built_again(postgres_database_ur
         await conn.close()
     assert valid
     assert definition.endswith("USING btree (created_at)")
+
+
+async def test_a_migration_waits_for_one_already_running(postgres_database_url: str) -> None:
+    """PostgreSQL: replicas deployed together may each run ``webhook-publisher migrate``. One
+    that starts while another holds the migration turn waits, creating nothing, with no
+    transaction open (which the other one's concurrent index builds would wait for), and
+    migrates once the turn is free."""
+    url = postgres_database_url
+    admin_url = make_url(url).set(drivername="postgresql").render_as_string(False)
+    other = await asyncpg.connect(admin_url)
+    observer = await asyncpg.connect(admin_url)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", migrate.MIGRATION_LOCK_KEY)
+        upgrading = asyncio.create_task(migrate.upgrade(url))
+
+        async def asked_for_turn() -> bool:
+            asked = await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND query LIKE '%pg_try_advisory_lock%' AND state = 'idle'"
+            )
+            return bool(asked) or upgrading.done()
+
+        await eventually(asked_for_turn, what="the migration asking for its turn")
+        assert not upgrading.done(), upgrading
+        assert await _table_names(url) == set()
+
+        await other.execute("SELECT pg_advisory_unlock($1)", migrate.MIGRATION_LOCK_KEY)
+        await asyncio.wait_for(upgrading, 60)
+    finally:
+        await other.close()
+        await observer.close()
+    assert await migrate.current(url) == migrate.head()
+    assert await _schema_differences(url) == []
+
+
+async def test_migrate_commands_started_together_all_succeed(postgres_database_url: str) -> None:
+    """PostgreSQL: three ``webhook-publisher migrate`` of one empty database at once take
+    turns: each ends at head, none fails on the tables or the revision another one wrote
+    meanwhile. (Processes, since Alembic's ``op`` and ``context`` are global to one.)"""
+    url = postgres_database_url
+    command_line = [sys.executable, "-m", "publisher", "migrate", "--database-url", url]
+
+    runs = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                subprocess.run, command_line, capture_output=True, text=True, timeout=120
+            )
+            for _ in range(3)
+        )
+    )
+
+    failed = [run.stderr[-2000:] for run in runs if run.returncode]
+    assert failed == []
+    assert await migrate.current(url) == migrate.head()
+    assert await _schema_differences(url) == []
