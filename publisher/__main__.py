@@ -52,6 +52,9 @@ def _migrate(argv: list[str]) -> int:
         else:
             asyncio.run(migrate.upgrade(args.database_url))
         print(f"database at revision {asyncio.run(migrate.current(args.database_url))}")
+    except migrate.SchemaAhead as error:
+        print(f"webhook-publisher migrate: {error}", file=sys.stderr)
+        return 1
     finally:
         if lock is not None:
             lock.release()

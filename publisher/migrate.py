@@ -91,7 +91,13 @@ async def current(url: str) -> str | None:
 
 
 async def upgrade(url: str, revision: str = "head") -> None:
-    """Migrates the database up to ``revision``, creating the schema in an empty one."""
+    """Migrates the database up to ``revision``, creating the schema in an empty one.
+
+    Raises SchemaAhead, changing nothing, when a newer publisher migrated it.
+    """
+    at = await current(url)
+    if at is not None and not _is_known(at):
+        raise _ahead(url, at)
     await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
 
 
@@ -131,13 +137,7 @@ async def ensure_current(url: str, *, create_if_empty: bool) -> None:
             head=target,
         )
     if not _is_known(revision):
-        raise SchemaAhead(
-            f"the database {shown} is at schema revision {revision}, which this publisher "
-            f"does not know (its newest is {target}): a newer publisher migrated it; run "
-            "that version or a later one",
-            current=revision,
-            head=target,
-        )
+        raise _ahead(url, revision)
     raise SchemaBehind(
         f"the database {shown} is at schema revision {revision} and this publisher needs "
         f"{target}: upgrade it with `{migrate}`",
@@ -167,6 +167,17 @@ def take_turn(connection: sa.Connection) -> None:
             log.event(logger, "migration_waiting", logging.WARNING, reason="another one runs")
             waited = True
         time.sleep(TURN_POLL_SECONDS)
+
+
+def _ahead(url: str, revision: str) -> SchemaAhead:
+    shown = make_url(url).render_as_string(hide_password=True)
+    return SchemaAhead(
+        f"the database {shown} is at schema revision {revision}, which this publisher "
+        f"does not know (its newest is {head()}): a newer publisher migrated it; run "
+        "that version or a later one",
+        current=revision,
+        head=head(),
+    )
 
 
 async def _inspect(url: str) -> tuple[str | None, set[str]]:

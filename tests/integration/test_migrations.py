@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from common import db
+from publisher import __main__ as publisher_main
 from publisher import migrate, schema
 from tests.support import WAITING_IN_THIS_DATABASE, eventually
 
@@ -520,3 +521,25 @@ async def test_migrate_commands_started_together_all_succeed(postgres_database_u
     assert failed == []
     assert await migrate.current(url) == migrate.head()
     assert await _schema_differences(url) == []
+
+
+def test_migrate_command_refuses_a_database_ahead_of_it(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``webhook-publisher migrate`` of a database a newer publisher migrated exits 1 with
+    one line naming both revisions (no traceback), and leaves the database as it was."""
+    asyncio.run(migrate.upgrade(sqlite_url))
+    ahead = sa.text("UPDATE alembic_version SET version_num = 'ffff'")
+    asyncio.run(_run_sync(sqlite_url, lambda c: c.execute(ahead)))
+
+    with pytest.raises(SystemExit) as exited:
+        publisher_main.main(["migrate", "--database-url", sqlite_url])
+
+    assert exited.value.code == 1
+
+    error = capsys.readouterr().err
+    assert error.startswith("webhook-publisher migrate: "), error
+    assert "ffff" in error
+    assert migrate.head() in error
+    assert "Traceback" not in error
+    assert asyncio.run(migrate.current(sqlite_url)) == "ffff"
