@@ -231,7 +231,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         self, request: publisher_pb2.ReplayDeliveriesRequest, context: Context
     ) -> publisher_pb2.ReplayDeliveriesResponse:
         patterns = validation.replay_filter(request.subscriber_id, request.event_types)
-        since = request.since.ToNanoseconds() / 1e9
+        since = validation.since(request.since)
         count = await self._store.replay(request.subscriber_id, since, patterns)
         log.event(
             logger,
@@ -302,8 +302,13 @@ _OUTCOMES = {
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """The stored time in whole nanoseconds, rounded down exactly (see validation.since).
+
+    Not int(seconds * 1e9): that product is rounded to 256 ns, up as often as down.
+    """
+    numerator, denominator = seconds.as_integer_ratio()
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
+    stamp.FromNanoseconds(numerator * 1_000_000_000 // denominator)
     return stamp
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import urllib.parse
 from collections.abc import Sequence
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from common import errors, signing
 from common.gen.webhooks.v1 import publisher_pb2
@@ -242,6 +243,22 @@ def delivery_state(value: publisher_pb2.DeliveryState.ValueType) -> model.Delive
     if value not in _DELIVERY_STATES:
         raise errors.InvalidArgument("state", f"unknown delivery state {value}")
     return _DELIVERY_STATES[value]
+
+
+def since(stamp: timestamp_pb2.Timestamp) -> float:
+    """The earliest stored time (float seconds) that responses show as ``stamp`` or later.
+
+    Responses show a stored time rounded down to whole nanoseconds (servicer._timestamp),
+    so this is the smallest float at or after ``stamp`` exactly. Converted as
+    ``nanos / 1e9``, 1 in 30 times read from a response came back one float after the
+    stored time, and ReplayDeliveries since an event's own created_at left it out.
+    """
+    nanos = stamp.ToNanoseconds()
+    seconds = nanos / 1_000_000_000  # Int by int: the nearest float, one way or the other.
+    numerator, denominator = seconds.as_integer_ratio()
+    if numerator * 1_000_000_000 < nanos * denominator:
+        seconds = math.nextafter(seconds, math.inf)
+    return seconds
 
 
 def cursor(value: str) -> int:

@@ -1,4 +1,5 @@
-"""The listing RPCs' pages: tokens bound to their listing and filters, pages a client can take.
+"""What the read RPCs give back can be given back: page tokens bound to their listing and
+filters, catch-up pages a client can take, times that select what they were read from.
 
 Runs on an SQLite file and on PostgreSQL (the parametrised ``database_url`` fixture).
 """
@@ -6,16 +7,20 @@ Runs on an SQLite file and on PostgreSQL (the parametrised ``database_url`` fixt
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from common import signing
+from common import db, signing
 from common.gen.webhooks.v1 import publisher_pb2
-from tests.support import OpenPublisher
+from publisher import migrate, model
+from publisher.servicer import PublisherServicer
+from publisher.store import Store
+from tests.support import OpenPublisher, attempt_record, store_subscriber_spec
 
 pb = publisher_pb2
 
@@ -157,3 +162,45 @@ async def test_catch_up_pages_fit_a_default_client_whatever_the_payloads(
             break
         cursor = page.next_cursor
     assert seen == emitted
+
+
+# A time.time() whose float, shown in whole nanoseconds and divided back naively, comes out
+# one float above itself (as 1 in 30 do).
+AWKWARD_TIME = 1_700_000_000.0000017
+
+
+@pytest.fixture
+async def awkward_store(database_url: str) -> AsyncIterator[Store]:
+    """The store on a clock stopped at AWKWARD_TIME."""
+    await migrate.ensure_current(database_url, create_if_empty=True)
+    store = Store(db.create_engine(database_url), now=lambda: AWKWARD_TIME)
+    yield store
+    await store.close()
+
+
+async def test_replaying_since_an_events_created_at_includes_that_event(
+    awkward_store: Store,
+) -> None:
+    """ReplayDeliveries since the created_at that GetEvent shows requeues that event's failed
+    delivery; since one nanosecond later, it does not."""
+    store = awkward_store
+    servicer = PublisherServicer(store, issuer="test", max_payload_bytes=1024)
+    no_context = cast(Any, None)
+    subscriber = await store.create_subscriber(
+        store_subscriber_spec("a", "a.*"), signing.generate_secret()
+    )
+    (emitted,) = await store.emit([model.NewEvent("a.paid", b"{}", "application/json", "")])
+    (claim,) = await store.claim("replica", 10, lease_seconds=60.0)
+    failed = model.DeliveryState.FAILED
+    await store.record([attempt_record(claim, outcome="failed", state=failed)])
+    shown = await servicer.GetEvent(pb.GetEventRequest(event_id=emitted.event_id), no_context)
+
+    async def replayed_since(nanos: int) -> int:
+        since = timestamp_pb2.Timestamp()
+        since.FromNanoseconds(nanos)
+        request = pb.ReplayDeliveriesRequest(subscriber_id=subscriber.id, since=since)
+        return (await servicer.ReplayDeliveries(request, no_context)).requeued_count
+
+    at = shown.event.created_at.ToNanoseconds()
+    assert await replayed_since(at + 1) == 0
+    assert await replayed_since(at) == 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import fractions
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from common import errors, signing
 from common.gen.webhooks.v1 import publisher_pb2
@@ -699,3 +701,21 @@ def test_cursor_outside_64_bits_or_not_a_number_is_rejected(value: str) -> None:
     """Above 2**63-1 no database column holds it; thousands of digits int() refuses outright."""
     with _invalid("cursor"):
         validation.cursor(value)
+
+
+@pytest.mark.parametrize(
+    "stored", [1_700_000_000.0000017, 1_796_170_421.619424, 1_700_000_000.0, 0.25, 1e-10]
+)
+def test_since_a_shown_time_takes_in_the_time_it_was_shown_for_and_not_one_later(
+    stored: float,
+) -> None:
+    """A stored time is shown in whole nanoseconds rounded down; ``since`` that is at or before
+    it, and ``since`` a nanosecond later is after it."""
+    shown = math.floor(fractions.Fraction(stored) * 1_000_000_000)
+
+    def since(nanos: int) -> float:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromNanoseconds(nanos)
+        return validation.since(stamp)
+
+    assert since(shown) <= stored < since(shown + 1)
