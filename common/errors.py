@@ -80,6 +80,20 @@ else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
+# UTF-8 bytes of a message sent as a status's details. Messages quote what was wrong (an
+# id, a cursor), and gRPC sends details in a header, percent-encoding each byte outside
+# ASCII into three: a client refuses headers past 8 KiB now and then and past 16 KiB
+# always, and its caller then sees RESOURCE_EXHAUSTED instead of the status's own code.
+MAX_DETAILS_BYTES = 2000
+
+
+def _details(message: str) -> str:
+    encoded = message.encode()
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return message
+    return encoded[: MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "…"
+
+
 class ErrorInterceptor(_ServerInterceptor):
     """Answers a ``WebhooksError`` raised by a unary handler with its status code."""
 
@@ -99,7 +113,7 @@ class ErrorInterceptor(_ServerInterceptor):
             try:
                 return await inner(request, context)
             except WebhooksError as error:
-                await context.abort(error.status, str(error))
+                await context.abort(error.status, _details(str(error)))
 
         # RpcMethodHandler is a namedtuple; swap the behaviour, keep the serializers.
         replaced: grpc.RpcMethodHandler[Any, Any] = handler._replace(unary_unary=behavior)  # type: ignore[attr-defined]

@@ -420,3 +420,50 @@ async def test_a_refused_update_rotation_or_batch_leaves_everything_as_it_was(
     assert not first.duplicate
     listing = await stub.ListDeliveries(pb.ListDeliveriesRequest(page_size=1000))
     assert [d.event_id for d in listing.deliveries] == [first.event_id]
+
+
+async def test_reads_of_oversized_values_answer_their_code_naming_the_field(
+    open_publisher: OpenPublisher,
+) -> None:
+    """An id of 100,000 four-byte characters is NOT_FOUND, a cursor or event type that long
+    INVALID_ARGUMENT, naming the field: their messages quote them, and a client refuses a
+    message over gRPC's header limits, which its caller saw as RESOURCE_EXHAUSTED."""
+    running = await open_publisher()
+    stub = running.stub
+    registered = await _register(stub)
+    subscriber_id = registered.subscriber.id
+    long = "\U0001f600" * 100_000
+    pb = publisher_pb2
+    token = signing.sign_catch_up(
+        signing.secret_key(registered.secret),
+        subscriber_id=subscriber_id,
+        audience=running.app.settings.issuer,
+        now=time.time(),
+    )
+    authorized = (("authorization", f"Bearer {token}"),)
+    cases = {
+        "GetEvent": _call(stub.GetEvent, pb.GetEventRequest(event_id=long)),
+        "GetDelivery": _call(stub.GetDelivery, pb.GetDeliveryRequest(delivery_id=long)),
+        "Redeliver": _call(stub.Redeliver, pb.RedeliverRequest(delivery_id=long)),
+        "GetSubscriber": _call(stub.GetSubscriber, pb.GetSubscriberRequest(subscriber_id=long)),
+        "Replay of a subscriber": _call(
+            stub.ReplayDeliveries, pb.ReplayDeliveriesRequest(subscriber_id=long)
+        ),
+        "cursor": lambda: stub.ListEvents(
+            pb.ListEventsRequest(subscriber_id=subscriber_id, cursor="1" + long),
+            metadata=authorized,
+        ),
+        "Replay of a type": _call(
+            stub.ReplayDeliveries, pb.ReplayDeliveriesRequest(event_types=[long])
+        ),
+    }
+    got = {label: await _outcome(call) for label, call in cases.items()}
+    assert got == {
+        "GetEvent": "NOT_FOUND event_id",
+        "GetDelivery": "NOT_FOUND delivery_id",
+        "Redeliver": "NOT_FOUND delivery_id",
+        "GetSubscriber": "NOT_FOUND subscriber_id",
+        "Replay of a subscriber": "NOT_FOUND subscriber_id",
+        "cursor": "INVALID_ARGUMENT cursor",
+        "Replay of a type": "INVALID_ARGUMENT event_types[0]",
+    }
