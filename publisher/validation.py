@@ -253,7 +253,10 @@ def since(stamp: timestamp_pb2.Timestamp) -> float:
     ``nanos / 1e9``, 1 in 30 times read from a response came back one float after the
     stored time, and ReplayDeliveries since an event's own created_at left it out.
     """
-    nanos = stamp.ToNanoseconds()
+    try:
+        nanos = stamp.ToNanoseconds()
+    except ValueError as error:  # Outside the years 1 to 9999, or nanos outside a second.
+        raise errors.InvalidArgument("since", str(error)) from None
     seconds = nanos / 1_000_000_000  # Int by int: the nearest float, one way or the other.
     numerator, denominator = seconds.as_integer_ratio()
     if numerator * 1_000_000_000 < nanos * denominator:

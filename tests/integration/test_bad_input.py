@@ -467,3 +467,22 @@ async def test_reads_of_oversized_values_answer_their_code_naming_the_field(
         "cursor": "INVALID_ARGUMENT cursor",
         "Replay of a type": "INVALID_ARGUMENT event_types[0]",
     }
+
+
+async def test_a_replay_since_a_time_no_timestamp_holds_is_an_invalid_argument(
+    open_publisher: OpenPublisher,
+) -> None:
+    """ReplayDeliveries since a Timestamp out of its range (after the year 9999, or with
+    negative nanos) is INVALID_ARGUMENT naming since, not UNKNOWN."""
+    stub = (await open_publisher()).stub
+    subscriber_id = (await _register(stub)).subscriber.id
+    beyond_year_9999 = publisher_pb2.ReplayDeliveriesRequest(subscriber_id=subscriber_id)
+    beyond_year_9999.since.seconds = 2**62
+    negative_nanos = publisher_pb2.ReplayDeliveriesRequest(event_types=["a.*"])
+    negative_nanos.since.nanos = -5
+    await _check(
+        {
+            "beyond the year 9999": (_call(stub.ReplayDeliveries, beyond_year_9999), "since"),
+            "negative nanos": (_call(stub.ReplayDeliveries, negative_nanos), "since"),
+        }
+    )

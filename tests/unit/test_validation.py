@@ -719,3 +719,9 @@ def test_since_a_shown_time_takes_in_the_time_it_was_shown_for_and_not_one_later
         return validation.since(stamp)
 
     assert since(shown) <= stored < since(shown + 1)
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(2**62, 0), (-(2**62), 0), (0, -5), (0, 10**9)])
+def test_since_outside_a_timestamps_range_is_rejected(seconds: int, nanos: int) -> None:
+    with _invalid("since"):
+        validation.since(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
