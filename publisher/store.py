@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -660,9 +661,12 @@ class Store:
         """Deletes up to ``limit`` events created before ``before`` whose every delivery is
         settled (delivered or dead-lettered) since before then, with those deliveries and
         their attempts; returns how many events went. Events still owed to anyone stay,
-        however old. Fewer events go when their deliveries would pass PRUNE_DELIVERIES
-        (one event always may)."""
+        however old. On SQLite fewer events go when their deliveries would pass
+        PRUNE_DELIVERIES (one event always may)."""
         doomed = expired_events(before, limit)
+        # PostgreSQL reads every candidate at once, and makes no emit wait for a prune (it
+        # locks only the old rows it deletes): there a batch is ``limit`` events.
+        budget = math.inf if self._postgres else PRUNE_DELIVERIES
 
         def work(conn: Connection) -> int:
             if self._postgres and not conn.scalar(_TAKE_PRUNE_TURN):
@@ -676,7 +680,7 @@ class Store:
                 # SQLite works a row out as it is read: those past the budget cost nothing.
                 for event_id, their_deliveries in found:
                     rows += their_deliveries
-                    if ids and rows > PRUNE_DELIVERIES:
+                    if ids and rows > budget:
                         break
                     ids.append(event_id)
             finally:
@@ -1100,8 +1104,8 @@ def _lease_due(
 # The states a delivery ends in; an event whose deliveries are all in them is owed nothing.
 _SETTLED = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
 
-# Deliveries (with their attempts) one prune deletes at most, unless one event has more.
-# On SQLite the prune holds the only write lock, and emits wait behind it: 500 events sent
+# Deliveries (with their attempts) one prune deletes at most on SQLite, unless one event has
+# more. There the prune holds the only write lock, and emits wait behind it: 500 events sent
 # to 1,000 subscribers each held it for 5.6-6.4 s here; one of them takes about 40 ms, and
 # 500 deliveries of events sent to 100 subscribers about 11 ms.
 PRUNE_DELIVERIES = 500

@@ -158,10 +158,12 @@ async def test_a_prune_takes_at_most_its_limit_and_the_job_takes_them_all(
 async def test_a_prune_stops_at_its_deliveries_and_the_job_goes_on_to_the_end(
     store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Events sent to many subscribers go a few per transaction, so that no prune holds the
-    database long (on SQLite it holds the only write lock, and emits wait behind it): a
-    prune stops before its deliveries pass the budget, one event over it alone still goes,
-    and the job goes on until every expired event is gone."""
+    """SQLite: events sent to many subscribers go a few per transaction, so that no prune
+    holds the only write lock long while emits wait behind it: a prune stops before its
+    deliveries pass the budget, one event over it alone still goes, and the job goes on
+    until every expired event is gone."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's prune makes no emit wait: its batches are whole")
     for prefix in ("a", "b", "c"):
         await subscriber(store, prefix)
     for _ in range(4):
