@@ -525,7 +525,8 @@ async def test_a_migration_waits_for_one_already_running(postgres_database_url: 
         async def asked_for_turn() -> bool:
             asked = await observer.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                " AND query LIKE '%pg_try_advisory_lock%' AND state = 'idle'"
+                " AND datname = current_database() AND state = 'idle'"
+                " AND query LIKE '%pg_try_advisory_lock%'"
             )
             return bool(asked) or upgrading.done()
 
