@@ -23,6 +23,7 @@ import jwt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from common import signing
 from common.gen.webhooks.v1 import publisher_pb2_grpc, subscriber_pb2, subscriber_pb2_grpc
 from publisher import model
 from publisher import transport as tx
@@ -111,6 +112,19 @@ def alive(pid: int) -> bool:
 
 def key_of(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+def catch_up_metadata(
+    secret: str, subscriber_id: str, *, audience: str = "grpc-webhooks", now: float | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The metadata of a ListEvents call signed as the subscriber with ``secret``."""
+    token = signing.sign_catch_up(
+        signing.secret_key(secret),
+        subscriber_id=subscriber_id,
+        audience=audience,
+        now=time.time() if now is None else now,
+    )
+    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from common import signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from tests.support import OpenPublisher
+from tests.support import OpenPublisher, catch_up_metadata
 
 if TYPE_CHECKING:
     Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
@@ -206,13 +205,7 @@ async def test_a_cursor_beyond_what_the_database_can_hold_is_an_invalid_argument
     stub = running.stub
     registered = await _register(stub)
     subscriber_id = registered.subscriber.id
-    token = signing.sign_catch_up(
-        signing.secret_key(registered.secret),
-        subscriber_id=subscriber_id,
-        audience=running.app.settings.issuer,
-        now=time.time(),
-    )
-    auth = (("authorization", f"Bearer {token}"),)
+    auth = catch_up_metadata(registered.secret, subscriber_id, audience=running.app.settings.issuer)
 
     def page(cursor: str) -> Callable[[], Awaitable[Any]]:
         request = publisher_pb2.ListEventsRequest(subscriber_id=subscriber_id, cursor=cursor)
@@ -395,16 +388,9 @@ async def test_a_refused_update_rotation_or_batch_leaves_everything_as_it_was(
     assert await refused(stub.RotateSecret(rotation)) == "INVALID_ARGUMENT previous_valid_for"
 
     async def feed_with(secret: str) -> str:
-        token = signing.sign_catch_up(
-            signing.secret_key(secret),
-            subscriber_id=subscriber_id,
-            audience=running.app.settings.issuer,
-            now=time.time(),
-        )
+        auth = catch_up_metadata(secret, subscriber_id, audience=running.app.settings.issuer)
         request = pb.ListEventsRequest(subscriber_id=subscriber_id)
-        return await refused(
-            stub.ListEvents(request, metadata=(("authorization", f"Bearer {token}"),))
-        )
+        return await refused(stub.ListEvents(request, metadata=auth))
 
     assert await feed_with(registered.secret) == "OK"
     assert (await feed_with(new_secret)).startswith("UNAUTHENTICATED")
@@ -434,13 +420,9 @@ async def test_reads_of_oversized_values_answer_their_code_naming_the_field(
     subscriber_id = registered.subscriber.id
     long = "\U0001f600" * 100_000
     pb = publisher_pb2
-    token = signing.sign_catch_up(
-        signing.secret_key(registered.secret),
-        subscriber_id=subscriber_id,
-        audience=running.app.settings.issuer,
-        now=time.time(),
+    authorized = catch_up_metadata(
+        registered.secret, subscriber_id, audience=running.app.settings.issuer
     )
-    authorized = (("authorization", f"Bearer {token}"),)
     cases = {
         "GetEvent": _call(stub.GetEvent, pb.GetEventRequest(event_id=long)),
         "GetDelivery": _call(stub.GetDelivery, pb.GetDeliveryRequest(delivery_id=long)),

@@ -4,15 +4,13 @@ Runs on an SQLite file and on PostgreSQL (the parametrised ``database_url`` fixt
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import grpc.aio
 from google.protobuf import duration_pb2
 
 from common import signing
 from common.gen.webhooks.v1 import publisher_pb2
-from tests.support import OpenPublisher
+from tests.support import OpenPublisher, catch_up_metadata
 
 
 async def test_a_token_signed_with_the_previous_secret_reads_the_feed_until_it_expires(
@@ -28,15 +26,10 @@ async def test_a_token_signed_with_the_previous_secret_reads_the_feed_until_it_e
     subscriber_id = registered.subscriber.id
 
     async def feed_with(secret: str) -> str:
-        token = signing.sign_catch_up(
-            signing.secret_key(secret),
-            subscriber_id=subscriber_id,
-            audience=running.app.settings.issuer,
-            now=time.time(),
-        )
+        auth = catch_up_metadata(secret, subscriber_id, audience=running.app.settings.issuer)
         request = publisher_pb2.ListEventsRequest(subscriber_id=subscriber_id)
         try:
-            await stub.ListEvents(request, metadata=(("authorization", f"Bearer {token}"),))
+            await stub.ListEvents(request, metadata=auth)
         except grpc.aio.AioRpcError as error:
             return error.code().name
         return "OK"

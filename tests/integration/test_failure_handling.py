@@ -28,7 +28,6 @@ import pytest
 from aiosmtpd.smtp import SMTP
 from google.protobuf import timestamp_pb2
 
-from common import signing
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import mailer
 from publisher.app import PublisherApp
@@ -41,7 +40,7 @@ from tests.integration.test_publisher_delivery import (
     schedule,
     set_state,
 )
-from tests.support import FakeSubscriber, eventually
+from tests.support import FakeSubscriber, catch_up_metadata, eventually
 
 if TYPE_CHECKING:
     Stub = publisher_pb2_grpc.PublisherServiceAsyncStub
@@ -599,18 +598,6 @@ async def test_redeliver_of_a_failed_delivery_delivers_it(
 # -- the catch-up feed ---------------------------------------------------------------------------
 
 
-def bearer(
-    secret: str, subscriber_id: str, *, audience: str = "grpc-webhooks", now: float | None = None
-) -> tuple[tuple[str, str], ...]:
-    token = signing.sign_catch_up(
-        signing.secret_key(secret),
-        subscriber_id=subscriber_id,
-        audience=audience,
-        now=time.time() if now is None else now,
-    )
-    return (("authorization", f"Bearer {token}"),)
-
-
 async def test_catch_up_feed_lists_the_subscribers_events_in_order_page_by_page(
     start: Start, subscriber: FakeSubscriber
 ) -> None:
@@ -622,7 +609,7 @@ async def test_catch_up_feed_lists_the_subscribers_events_in_order_page_by_page(
     emitted = [await emit(stub, event_type) for event_type in types]
     expected = [e.event_id for e, t in zip(emitted, types, strict=True) if t.startswith("order.")]
     subscriber_id = registered.subscriber.id
-    auth = bearer(registered.secret, subscriber_id)
+    auth = catch_up_metadata(registered.secret, subscriber_id)
 
     def page(cursor: str = "", size: int = 0) -> Awaitable[publisher_pb2.ListEventsResponse]:
         request = publisher_pb2.ListEventsRequest(
@@ -657,17 +644,18 @@ async def test_catch_up_feed_refuses_other_tokens_and_bad_cursors(
 
     refused = {
         "no token": (),
-        "another subscriber's token": bearer(other.secret, other.subscriber.id),
-        "my key, another subscriber's id": bearer(secret, other.subscriber.id),
-        "another audience": bearer(secret, mine, audience="someone-else"),
-        "expired": bearer(secret, mine, now=time.time() - 3600),
+        "another subscriber's token": catch_up_metadata(other.secret, other.subscriber.id),
+        "my key, another subscriber's id": catch_up_metadata(secret, other.subscriber.id),
+        "another audience": catch_up_metadata(secret, mine, audience="someone-else"),
+        "expired": catch_up_metadata(secret, mine, now=time.time() - 3600),
     }
     for case, metadata in refused.items():
         error = await rpc_error(stub.ListEvents(request, metadata=metadata))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, case
 
     bad_cursor = publisher_pb2.ListEventsRequest(subscriber_id=mine, cursor="abc")
-    error = await rpc_error(stub.ListEvents(bad_cursor, metadata=bearer(secret, mine)))
+    error = await rpc_error(stub.ListEvents(bad_cursor, metadata=catch_up_metadata(secret, mine)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cursor" in (error.details() or "")
-    assert len((await stub.ListEvents(request, metadata=bearer(secret, mine))).events) == 1
+    page = await stub.ListEvents(request, metadata=catch_up_metadata(secret, mine))
+    assert len(page.events) == 1
