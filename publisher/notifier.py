@@ -57,13 +57,15 @@ class Notifier:
 
     async def _send_disable_notices(self) -> None:
         for subscriber in await self._store.disable_notices_due():
-            if not await self._store.take_disable_notice(subscriber.id):
+            taken_at = await self._store.take_disable_notice(subscriber.id)
+            if taken_at is None:
                 continue  # Another replica is telling them.
             if not mailer.recipients(subscriber, self._mail.settings):
                 # No contact and no operator address: nobody to tell, so do not try forever.
                 log.event(
                     logger, "disable_notice_untold", logging.WARNING, subscriber_id=subscriber.id
                 )
+                await self._store.done_disable_notice(subscriber.id, taken_at)
                 continue
             message = mailer.subscriber_disabled_notice(
                 subscriber,
@@ -72,8 +74,10 @@ class Notifier:
                 failing_since=subscriber.failing_since or subscriber.updated_at,
                 reason=subscriber.state_reason,
             )
-            if not await self._send(message, subscriber.id, "disable_notice"):
-                await self._store.give_back_disable_notice(subscriber.id)
+            if await self._send(message, subscriber.id, "disable_notice"):
+                await self._store.done_disable_notice(subscriber.id, taken_at)
+            else:
+                await self._store.give_back_disable_notice(subscriber.id, taken_at)
 
     async def _send_digests(self) -> None:
         for subscriber in await self._store.subscribers_with_dead_letters(self._window):

@@ -35,6 +35,8 @@ subscribers = sa.Table(
     sa.Column("last_notified_at", sa.Double, nullable=True),
     # Disabled automatically, and the people have not been told yet.
     sa.Column("disable_notice_due", sa.Boolean, nullable=False, server_default=sa.false()),
+    # When a replica took that notice to send it; NULL: nobody is sending it.
+    sa.Column("disable_notice_taken_at", sa.Double, nullable=True),
     # During a rotation the old secret signs too, until it expires.
     sa.Column("previous_secret", sa.String(200), nullable=True),
     sa.Column("previous_secret_expires_at", sa.Double, nullable=True),

@@ -272,6 +272,7 @@ class Store:
             del row["id"]
             if reactivated:
                 row["disable_notice_due"] = False
+                row["disable_notice_taken_at"] = None
             conn.execute(
                 subscribers.update().where(subscribers.c.id == subscriber_id).values(**row)
             )
@@ -914,34 +915,47 @@ class Store:
         return await self._run(work)
 
     async def disable_notices_due(self) -> list[model.Subscriber]:
-        """Disabled subscribers nobody has been told of yet; ``take_disable_notice`` first."""
-        query = subscribers.select().where(subscribers.c.disable_notice_due.is_(True))
+        """Disabled subscribers nobody has told, or is telling; ``take_disable_notice`` first."""
+        query = subscribers.select().where(_disable_notice_free(self._now()))
         return await self._run(lambda conn: _subscribers(conn, query))
 
-    async def take_disable_notice(self, subscriber_id: str) -> bool:
+    async def take_disable_notice(self, subscriber_id: str) -> float | None:
         """Claims the notice that ``subscriber_id`` was disabled; only one replica wins.
 
-        Taking it marks it no longer due, so a replica that stops while sending loses it:
-        a notice missed is better than one sent by every replica whose round overlaps.
+        Returns the claim's time, for ``done_disable_notice`` or ``give_back_disable_notice``;
+        None if the notice is not due or another replica is sending it. The notice stays due
+        until it is done, so that if this replica stops while sending it, another sends it
+        once DISABLE_NOTICE_LEASE_SECONDS have passed.
         """
+        now = self._now()
         take = (
             subscribers.update()
-            .where(subscribers.c.id == subscriber_id, subscribers.c.disable_notice_due.is_(True))
-            .values(disable_notice_due=False)
+            .where(subscribers.c.id == subscriber_id, _disable_notice_free(now))
+            .values(disable_notice_taken_at=now)
         )
-        return bool(await self._run(lambda conn: conn.execute(take).rowcount))
+        taken = await self._run(lambda conn: conn.execute(take).rowcount)
+        return now if taken else None
 
-    async def give_back_disable_notice(self, subscriber_id: str) -> None:
-        """After a failed send, so that a later round tries again; not once re-enabled."""
-        give_back = (
+    async def done_disable_notice(self, subscriber_id: str, taken_at: float) -> None:
+        """The notice taken at ``taken_at`` was sent (or had nobody to go to)."""
+        await self._end_disable_notice(subscriber_id, taken_at, due=False)
+
+    async def give_back_disable_notice(self, subscriber_id: str, taken_at: float) -> None:
+        """After a failed send, so that the next round tries again."""
+        await self._end_disable_notice(subscriber_id, taken_at, due=True)
+
+    async def _end_disable_notice(self, subscriber_id: str, taken_at: float, *, due: bool) -> None:
+        # Only the claim that was taken: a subscriber re-enabled and disabled again since
+        # owes a notice of its own, which this one must not mark sent.
+        end = (
             subscribers.update()
             .where(
                 subscribers.c.id == subscriber_id,
-                subscribers.c.state == model.SubscriberState.DISABLED.value,
+                subscribers.c.disable_notice_taken_at == taken_at,
             )
-            .values(disable_notice_due=True)
+            .values(disable_notice_due=due, disable_notice_taken_at=None)
         )
-        await self._run(lambda conn: conn.execute(give_back))
+        await self._run(lambda conn: conn.execute(end))
 
 
 # -- rows <-> records ------------------------------------------------------------------------
@@ -1185,6 +1199,23 @@ def _subscribers_by_id(conn: Connection, ids: set[str]) -> dict[str, model.Subsc
     return {row.id: _subscriber(row._mapping) for row in rows}
 
 
+# How long a disable notice taken by a replica stays its own. A send is bounded by the
+# mailer's timeouts (each SMTP step 10 s by default: well under two minutes in all), so a
+# notice taken this long ago and still due belongs to a replica that stopped or died.
+DISABLE_NOTICE_LEASE_SECONDS = 600.0
+
+
+def _disable_notice_free(now: float) -> sa.ColumnElement[bool]:
+    """A disable notice is owed and no replica is sending it."""
+    return sa.and_(
+        subscribers.c.disable_notice_due.is_(True),
+        sa.or_(
+            subscribers.c.disable_notice_taken_at.is_(None),
+            subscribers.c.disable_notice_taken_at <= now - DISABLE_NOTICE_LEASE_SECONDS,
+        ),
+    )
+
+
 def _notice_window_open(now: float, window: float) -> sa.ColumnElement[bool]:
     """The subscriber has not been emailed within the last ``window`` seconds."""
     return sa.or_(
@@ -1318,6 +1349,8 @@ def _disable(conn: Connection, subscriber_id: str, reason: str, now: float) -> b
             state_reason=reason,
             updated_at=now,
             disable_notice_due=True,
+            # A notice of an earlier disabling still being sent is not this one.
+            disable_notice_taken_at=None,
         )
     )
     if not result.rowcount:

@@ -265,6 +265,53 @@ async def test_a_disable_notice_that_fails_is_sent_in_a_later_round(
     assert await store.disable_notices_due() == []
 
 
+async def test_a_disable_notice_whose_sender_died_is_sent_by_another_after_the_lease(
+    store: Store, database_url: str, smtp_server: SmtpServer
+) -> None:
+    """A replica that took the notice and died before sending it does not lose it: until the
+    lease ends it is the dead replica's, then another replica's round sends it, once."""
+    subscriber = await billing(store)
+    await failing_for_a_day(store, subscriber.id)
+    await store.disable_failing(HOUR)
+    assert await store.take_disable_notice(subscriber.id) is not None  # Then it dies.
+
+    await notifier(store, smtp_server).run_once()
+    assert smtp_server.inbox.received == []
+
+    lease = store_module.DISABLE_NOTICE_LEASE_SECONDS
+    later = Store(db.create_engine(database_url), now=lambda: time.time() + lease + 1)
+    try:
+        for _ in range(2):
+            await notifier(later, smtp_server).run_once()
+        assert await later.disable_notices_due() == []
+    finally:
+        await later.close()
+    [notice] = smtp_server.inbox.received
+    assert "disabled" in notice.message()["Subject"]
+
+
+async def test_a_notice_sent_late_does_not_stand_for_a_later_disabling(store: Store) -> None:
+    """Re-enabled and disabled again while the first notice was being sent: that send ending
+    leaves the second notice due."""
+    subscriber = await billing(store)
+    await failing_for_a_day(store, subscriber.id)
+    await store.disable_failing(HOUR)
+    taken_at = await store.take_disable_notice(subscriber.id)
+    assert taken_at is not None
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            subscribers.update()
+            .where(subscribers.c.id == subscriber.id)
+            .values(state=model.SubscriberState.ACTIVE.value)
+        )
+    await failing_for_a_day(store, subscriber.id)
+    assert [s.id for s in await store.disable_failing(HOUR)] == [subscriber.id]
+
+    await store.done_disable_notice(subscriber.id, taken_at)
+
+    assert [s.id for s in await store.disable_notices_due()] == [subscriber.id]
+
+
 async def test_replicas_whose_rounds_overlap_send_one_disable_notice(
     replicas: tuple[Store, Store], smtp_server: SmtpServer
 ) -> None:
