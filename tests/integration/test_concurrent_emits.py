@@ -120,3 +120,39 @@ async def test_an_event_numbered_first_is_never_passed_by_the_feed_while_it_comm
 
     found, _ = await store.events_for(subscriber.id, cursor, 10)
     assert [event.id for event in found] == ["evt_first", emitted.event_id]
+
+
+async def test_the_feed_cursor_stops_below_an_event_still_committing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an emit has numbered its event and not committed, an empty page moves a cursor
+    over the others' committed events but not past the newest of them, so the event is
+    listed once committed."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one write transaction at a time: no such race")
+    monkeypatch.setattr(store_module, "FEED_STRETCH", 1000)
+    subscriber = await store.create_subscriber(
+        store_subscriber_spec("a", "a.*"), signing.generate_secret()
+    )
+    await store.create_subscriber(store_subscriber_spec("b", "b.*"), signing.generate_secret())
+    await store.emit([model.NewEvent("b.x", b"{}", "application/json", "")] * 3)
+    async with store.engine.connect() as first:
+        await first.run_sync(store_module._lock_feed)
+        await first.execute(
+            events.insert().values(
+                id="evt_first", type="a.x", payload=b"{}", content_type="application/json",
+                created_at=1.0,
+            )
+        )  # fmt: skip
+        await first.execute(
+            deliveries.insert().values(
+                store_module._new_delivery("evt_first", subscriber.id, True, 1.0)
+            )
+        )
+        seen, cursor = await store.events_for(subscriber.id, 0, 10)
+        assert seen == []
+        assert cursor > 0
+        await first.commit()
+
+    found, _ = await store.events_for(subscriber.id, cursor, 10)
+    assert [event.id for event in found] == ["evt_first"]

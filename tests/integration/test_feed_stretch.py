@@ -1,0 +1,102 @@
+"""The catch-up feed pages through a bounded stretch of seq values at a time (on an SQLite
+file and on PostgreSQL): a page whose cursor moved may be empty, and only an unchanged cursor
+means that nothing newer is there yet."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from common import signing
+from publisher import model
+from publisher import store as store_module
+from publisher.schema import events
+from publisher.store import Store
+from tests.support import store_subscriber_spec
+
+STRETCH = 10
+
+
+@pytest.fixture(autouse=True)
+def small_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "FEED_STRETCH", STRETCH)
+
+
+async def emit(store: Store, event_type: str, count: int = 1) -> list[str]:
+    """Emits ``count`` events of ``event_type`` one transaction each; their ids."""
+    ids = []
+    for _ in range(count):
+        (result,) = await store.emit([model.NewEvent(event_type, b"{}", "application/json", "")])
+        ids.append(result.event_id)
+    return ids
+
+
+async def walk(store: Store, subscriber_id: str, limit: int) -> tuple[list[list[str]], list[int]]:
+    """Every page from the beginning until the cursor stays put: the ids of each page's
+    events, and the cursors returned (the last one is the unchanged one)."""
+    pages: list[list[str]] = []
+    cursors: list[int] = []
+    cursor = 0
+    for _ in range(1000):
+        found, cursor_after = await store.events_for(subscriber_id, cursor, limit)
+        pages.append([event.id for event in found])
+        cursors.append(cursor_after)
+        if cursor_after == cursor:
+            return pages, cursors
+        cursor = cursor_after
+    raise AssertionError("the feed's cursor never stayed put")
+
+
+async def test_few_events_among_many_for_others_arrive_once_in_order_across_empty_pages(
+    store: Store,
+) -> None:
+    """A subscriber whose events are more than a stretch apart, among many for another, gets
+    each of its events once and in order through pages whose cursors move, some of them empty;
+    the busy subscriber still gets all of its events, pages full up to the limit."""
+    rare = await store.create_subscriber(
+        store_subscriber_spec("rare", "r.*"), signing.generate_secret()
+    )
+    busy = await store.create_subscriber(
+        store_subscriber_spec("busy", "a.*"), signing.generate_secret()
+    )
+    wanted: list[str] = []
+    others: list[str] = []
+    for gap in (0, 3 * STRETCH, STRETCH + 1, 2):
+        others += await emit(store, "a.x", gap)
+        wanted += await emit(store, "r.x")
+    others += await emit(store, "a.x", 2 * STRETCH)
+
+    pages, cursors = await walk(store, rare.id, limit=2)
+    assert [event_id for page in pages for event_id in page] == wanted
+    assert cursors[:-1] == sorted(set(cursors[:-1]))
+    assert any(page == [] for page in pages[:-1]), "no empty page with a moved cursor"
+    assert pages[-1] == []
+
+    pages, _ = await walk(store, busy.id, limit=7)
+    assert [event_id for page in pages for event_id in page] == others
+    assert max(len(page) for page in pages) == 7
+
+
+async def test_a_caught_up_subscriber_keeps_its_cursor_at_the_newest_event(store: Store) -> None:
+    """Past its own last event, a subscriber's cursor goes on over the others' newer events
+    to the newest one and no further, and stays there while nothing newer comes."""
+    mine = await store.create_subscriber(
+        store_subscriber_spec("mine", "m.*"), signing.generate_secret()
+    )
+    await store.create_subscriber(store_subscriber_spec("other", "o.*"), signing.generate_secret())
+    (last_of_mine,) = await emit(store, "m.x")
+    await emit(store, "o.x", 3)
+
+    async with store.engine.connect() as conn:
+        newest = (await conn.execute(sa.select(sa.func.max(events.c.seq)))).scalar_one()
+
+    pages, cursors = await walk(store, mine.id, limit=10)
+    assert pages == [[last_of_mine], []]
+    assert cursors == [newest, newest]
+    found, cursor = await store.events_for(mine.id, newest, 10)
+    assert (found, cursor) == ([], newest)
+
+    (later,) = await emit(store, "m.x")
+    found, cursor = await store.events_for(mine.id, newest, 10)
+    assert [event.id for event in found] == [later]
+    assert cursor > newest
