@@ -135,7 +135,7 @@ class CatchUp:
             self._channel = None
 
     async def _round(self, stub: publisher_pb2_grpc.PublisherServiceAsyncStub) -> int:
-        """Pulls pages until the feed has nothing newer; returns how many events were new."""
+        """Pulls pages until the cursor stays put; returns how many events were new."""
         cursor = await self._load_cursor()
         new = 0
         while not self._stopping.is_set():
@@ -153,7 +153,9 @@ class CatchUp:
                         return new
                     if await self._accept(event):
                         new += 1
-                if response.next_cursor == cursor or not response.events:
+                # An unchanged cursor means nothing newer yet; an empty page whose cursor
+                # moved only means nothing for this subscriber in the stretch it covers.
+                if response.next_cursor == cursor:
                     return new
                 cursor = response.next_cursor
                 await self._save_cursor(cursor)

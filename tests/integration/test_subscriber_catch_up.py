@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
+from publisher import store as store_module
 from publisher.app import PublisherApp
 from subscriber import app, inbox, settings
 from tests.conftest import StartPublisher
@@ -205,6 +206,28 @@ async def test_restart_keeps_the_cursor_and_later_events_are_pulled_too(
     assert await restarted.inbox.duplicates() == 0
     found = await eventually(handled_all(restarted, first + wanted))
     assert [receipt.receive_count for receipt in found] == [1] * 5
+
+
+async def test_catch_up_goes_on_across_empty_pages_to_an_event_far_ahead(
+    publisher: PublisherApp,
+    stub: Stub,
+    start_subscriber: StartSubscriber,
+    nowhere: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With many events for others between two of its own, the subscriber follows the moving
+    cursor through the empty pages in between and pulls the far one."""
+    monkeypatch.setattr(store_module, "FEED_STRETCH", 2)
+    subscriber_id = await register_unreachable(stub, nowhere)
+    near = await emit(stub, [MATCHING[0]])
+    await emit(stub, NOT_MATCHING * 5)
+    far = await emit(stub, [MATCHING[1]])
+    handled = Handled()
+
+    subscriber = await start_subscriber(publisher.address, subscriber_id, handled)
+
+    await eventually(handled_all(subscriber, near + far), what="the far event handled")
+    assert handled.event_ids() == near + far
 
 
 async def test_wrong_secret_records_nothing_and_logs_a_configuration_error(
