@@ -129,8 +129,8 @@ class HttpTransport:
         tracking = _progress.set(progress)
         try:
             # The guarded resolver never sees IP literals, so they are checked here.
-            if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
-                await self._guard.resolve(url.raw_host, url.port)
+            if self._guard is not None and url.raw_host:
+                self._guard.check_literal(url.raw_host)
             async with self._client().post(
                 url,
                 data=body,
@@ -225,8 +225,8 @@ class HttpTransport:
         authorization = tx.status_bearer(attempt, self._now())
         try:
             url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
-            if self._guard is not None and url.raw_host and ssrf.bypasses_resolver(url.raw_host):
-                await self._guard.resolve(url.raw_host, url.port)
+            if self._guard is not None and url.raw_host:
+                self._guard.check_literal(url.raw_host)
             async with self._client().get(
                 url,
                 headers={"authorization": authorization, "user-agent": USER_AGENT},
