@@ -59,6 +59,10 @@ events = sa.Table(
     sa.Index("ix_events_created", "created_at"),
 )
 
+# The rows of ix_deliveries_doubtful; queries spell these values inline so that both
+# databases see that they imply it.
+DOUBTFUL = "state = 'pending' AND last_outcome = 'uncertain'"
+
 deliveries = sa.Table(
     "deliveries",
     metadata,
@@ -92,6 +96,15 @@ deliveries = sa.Table(
         postgresql_where=sa.text("state = 'pending'"),
     ),
     sa.Index("ix_deliveries_event", "event_id"),
+    # The reconciliation sweep's: the few pending deliveries whose last attempt was uncertain,
+    # found without walking every pending one (240-290 ms a sweep at 1M pending on SQLite,
+    # on the thread claims and records wait for).
+    sa.Index(
+        "ix_deliveries_doubtful",
+        "next_attempt_at",
+        sqlite_where=sa.text(DOUBTFUL),
+        postgresql_where=sa.text(DOUBTFUL),
+    ),
     # A subscriber's deliveries by state, and its pending ones in due order: a claim that
     # skips full subscribers takes each other one's oldest due deliveries through it. The
     # id makes that order one that only this index gives (see statements).

@@ -134,6 +134,17 @@ _HELD = model.DeliveryState.HELD.value
 # Inline, not bound: PostgreSQL's generic plans and SQLite's planner can then see that the
 # query implies the partial indexes' ``state = 'pending'``.
 _IS_PENDING = deliveries.c.state == sa.literal_column(f"'{_PENDING}'")
+# ix_deliveries_doubtful's rows (schema.DOUBTFUL), inline for the same reason.
+_IS_DOUBTFUL = sa.and_(_IS_PENDING, deliveries.c.last_outcome == sa.literal_column("'uncertain'"))
+# The reconciliation sweep's: unleased deliveries in doubt, soonest due first, with their
+# scheduled time (b_limit of them).
+DOUBTFUL = (
+    sa.select(deliveries.c.id, deliveries.c.next_attempt_at)
+    .where(_IS_DOUBTFUL, deliveries.c.lease_owner.is_(None))
+    .order_by(deliveries.c.next_attempt_at)
+    .limit(sa.bindparam("b_limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
 
 
 # -- emit -------------------------------------------------------------------------------------

@@ -524,20 +524,10 @@ class Store:
         comes due at its scheduled time (or when the lease runs out, if later).
         """
         now = self._now()
-        doubtful = (
-            sa.select(deliveries.c.id, deliveries.c.next_attempt_at)
-            .where(
-                deliveries.c.state == model.DeliveryState.PENDING.value,
-                deliveries.c.last_outcome == "uncertain",
-                deliveries.c.lease_owner.is_(None),
-            )
-            .order_by(deliveries.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
 
         def work(conn: Connection) -> tuple[dict[str, float], list[model.Claim]]:
-            scheduled = {row.id: row.next_attempt_at for row in conn.execute(doubtful)}
+            doubtful = conn.execute(statements.DOUBTFUL, {"b_limit": limit})
+            scheduled = {row.id: row.next_attempt_at for row in doubtful}
             if not scheduled:
                 return scheduled, []
             leased = conn.execute(

@@ -16,16 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 
-def create(name: str, table: str, columns: Sequence[str]) -> None:
+def create(name: str, table: str, columns: Sequence[str], *, where: str | None = None) -> None:
+    """``where``: SQL of the rows a partial index covers, the same on both databases."""
+    rows = None if where is None else sa.text(where)
     if _is_postgresql():
         with op.get_context().autocommit_block():
             op.drop_index(name, table_name=table, if_exists=True, postgresql_concurrently=True)
-            op.create_index(name, table, list(columns), postgresql_concurrently=True)
+            op.create_index(
+                name, table, list(columns), postgresql_concurrently=True, postgresql_where=rows
+            )
     else:
-        op.create_index(name, table, list(columns))
+        op.create_index(name, table, list(columns), sqlite_where=rows)
 
 
 def drop(name: str, table: str) -> None:

@@ -426,6 +426,12 @@ _WRITES_DURING_INDEXING = {
         "INSERT INTO events (id, type, payload, content_type, created_at)"
         " VALUES ('evt_{n}', 't', '\\x7b7d', 'application/json', 1)",
     ),
+    "0008": (
+        "0007",
+        "INSERT INTO deliveries (id, event_id, subscriber_id, state, attempts, round_attempts,"
+        " next_attempt_at, created_at, updated_at, last_error, last_outcome)"
+        " VALUES ('dlv_{n}', 'evt_1', 'sub_1', 'pending', 0, 0, 1, 1, 1, '', 'uncertain')",
+    ),
 }
 
 
