@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Sequence
 
 from common import errors
 
 FIELD = "page_token"
+# Keys this service gives have none; PostgreSQL refuses a NUL in a query's text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def token(listing: str, filters: Sequence[str], after: str) -> str:
@@ -32,13 +35,14 @@ def after(value: str, listing: str, filters: Sequence[str]) -> str:
     try:
         padded = value + "=" * (-len(value) % 4)
         decoded = json.loads(base64.b64decode(padded, altchars=b"-_", validate=True))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # Recursion: "[[[[...", nested deep.
         raise errors.InvalidArgument(FIELD, "not a page token this service gave") from None
     if (
         not isinstance(decoded, list)
         or len(decoded) != 3
         or not isinstance(decoded[2], str)
         or not decoded[2]
+        or _CONTROL.search(decoded[2])
     ):
         raise errors.InvalidArgument(FIELD, "not a page token this service gave")
     if decoded[:2] != [listing, list(filters)]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from common import errors
@@ -40,6 +42,11 @@ def test_a_token_is_refused_by_another_listing_or_with_other_filters() -> None:
         "é",
         paging.token("deliveries", FILTERS, "")[:-3],
         paging.token("deliveries", FILTERS, ""),
+        # Well formed but for the key: its NUL made PostgreSQL fail the listing (UNKNOWN).
+        paging.token("deliveries", FILTERS, "dlv_\x00"),
+        paging.token("deliveries", FILTERS, "dlv_\n"),
+        # JSON nested past the parser's recursion limit escaped as RecursionError (UNKNOWN).
+        base64.urlsafe_b64encode(b"[" * 100_000).decode(),
     ],
 )
 def test_anything_else_is_not_a_token(value: str) -> None:
