@@ -932,15 +932,17 @@ class Store:
         """Claims the notice that ``subscriber_id`` was disabled; only one replica wins.
 
         Returns the claim's time, for ``done_disable_notice`` or ``give_back_disable_notice``;
-        None if the notice is not due or another replica is sending it. The notice stays due
-        until it is done, so that if this replica stops while sending it, another sends it
-        once DISABLE_NOTICE_LEASE_SECONDS have passed.
+        None if the notice is not due or another replica is sending it. The notice stays
+        owed until it is done, so that if this replica stops while sending it, another sends
+        it once DISABLE_NOTICE_LEASE_SECONDS have passed. Taken, it is no longer
+        ``disable_notice_due``: publishers from before migration 0007, on the same database
+        during a rolling upgrade, read only that flag and would send it a second time.
         """
         now = self._now()
         take = (
             subscribers.update()
             .where(subscribers.c.id == subscriber_id, _disable_notice_free(now))
-            .values(disable_notice_taken_at=now)
+            .values(disable_notice_due=False, disable_notice_taken_at=now)
         )
         taken = await self._run(lambda conn: conn.execute(take).rowcount)
         return now if taken else None
@@ -1250,12 +1252,17 @@ DISABLE_NOTICE_LEASE_SECONDS = 600.0
 
 
 def _disable_notice_free(now: float) -> sa.ColumnElement[bool]:
-    """A disable notice is owed and no replica is sending it."""
-    return sa.and_(
-        subscribers.c.disable_notice_due.is_(True),
-        sa.or_(
+    """A disable notice is owed and no replica is sending it: due and not taken, or taken
+    (no longer due, see ``take_disable_notice``) by a replica whose lease ran out."""
+    return sa.or_(
+        sa.and_(
+            subscribers.c.disable_notice_due.is_(True),
             subscribers.c.disable_notice_taken_at.is_(None),
+        ),
+        sa.and_(
             subscribers.c.disable_notice_taken_at <= now - DISABLE_NOTICE_LEASE_SECONDS,
+            # Re-enabled since by a publisher from before 0007, which leaves taken_at as it was.
+            subscribers.c.state == model.SubscriberState.DISABLED.value,
         ),
     )
 

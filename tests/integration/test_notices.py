@@ -290,6 +290,25 @@ async def test_a_disable_notice_whose_sender_died_is_sent_by_another_after_the_l
     assert "disabled" in notice.message()["Subject"]
 
 
+async def test_a_taken_disable_notice_is_not_due_to_a_publisher_from_before_its_lease(
+    store: Store,
+) -> None:
+    """During a rolling upgrade, publishers from before migration 0007 take a notice whose
+    ``disable_notice_due`` is true and know nothing of ``disable_notice_taken_at``: a notice
+    this release took reads as not due to them, so that they do not send it a second time."""
+    subscriber = await billing(store)
+    await failing_for_a_day(store, subscriber.id)
+    await store.disable_failing(HOUR)
+    assert await store.take_disable_notice(subscriber.id) is not None
+
+    async with store.engine.connect() as conn:
+        due = await conn.scalar(
+            sa.select(subscribers.c.disable_notice_due).where(subscribers.c.id == subscriber.id)
+        )
+    assert due is False
+    assert await store.disable_notices_due() == []
+
+
 async def test_a_notice_sent_late_does_not_stand_for_a_later_disabling(store: Store) -> None:
     """Re-enabled and disabled again while the first notice was being sent: that send ending
     leaves the second notice due."""
