@@ -11,6 +11,7 @@ only emits wait for the disk at commit (see ``_run``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -40,13 +41,13 @@ logger = logging.getLogger("publisher.store")
 # over it, so the subscriber would ask for the same page forever. The rest of an event (id,
 # type, content type: under 500 bytes) leaves room for a full page of 1,000 small ones.
 FEED_PAGE_BYTES = 3 * 1024 * 1024
-# Seq values one page of the catch-up feed looks at, at most, so that a page costs the same
-# whatever the subscriber's history (a join over all of a subscriber's deliveries took
+# Seq values one transaction of the catch-up feed looks at, at most, so that it costs the
+# same whatever the subscriber's history (a join over all of a subscriber's deliveries took
 # 220-260 ms per page at 200,000 of them on SQLite, on the thread emits wait for). A seq
 # value costs about 1 µs there at one delivery per event (each delivery of an event is
 # read to check its subscriber, so more with fan-out): an empty stretch of 4,096 took
 # 4.3 ms, of 1,024 2.6 ms and of 16,384 18 ms, and a subscriber with 4 events among
-# 200,000 reads its whole feed in 50 pages (0.34 s) rather than 197 (0.69 s).
+# 200,000 reads its whole feed in 50 transactions (0.34 s) rather than 197 (0.69 s).
 FEED_STRETCH = 4096
 # Events per emit transaction; a batch emit of 1,000 still goes in one piece.
 MAX_EMIT_BATCH = 1000
@@ -765,49 +766,25 @@ class Store:
     ) -> tuple[list[model.Event], int]:
         """The catch-up feed: events ``subscriber_id`` has a delivery of, in emit order.
 
-        Looks at the FEED_STRETCH seq values from the first event after ``after_seq``
-        and returns the subscriber's events among them (at most ``limit``, and fewer
-        when their payloads pass FEED_PAGE_BYTES, never none while there is one) with
-        the cursor to continue from: the last listed event's seq when the page is full,
-        otherwise the end of the stretch looked at, never past the newest event. An
-        empty page whose cursor moved means "nothing for you there, go on"; an
-        unchanged cursor, "nothing newer yet".
+        Returns the events after ``after_seq`` (at most ``limit``, and fewer when their
+        payloads pass FEED_PAGE_BYTES, never none while there is one) with the cursor to
+        continue from. A page is empty only when nothing newer is there for the
+        subscriber; its cursor may still have moved, past others' events, up to the
+        newest event.
+
+        Each transaction looks at FEED_STRETCH seq values at most, so that it costs the
+        same however many deliveries the subscriber has; a stretch with nothing for the
+        subscriber is followed by the next in a transaction of its own, so that emits
+        and claims get their turn between them.
         """
-
-        def work(conn: Connection) -> tuple[Sequence[Any], int]:
-            _load_subscriber(conn, subscriber_id)
-            # The newest seq is read in the feed's snapshot, so the cursor never passes an
-            # event this snapshot cannot see. None newer could appear below it later: on
-            # SQLite writes run one at a time and a new rowid is one past the highest
-            # (retention keeps the newest event); on PostgreSQL an emit holds FEED_LOCK_KEY
-            # from drawing its seqs to its commit, so a seq below the newest visible one
-            # belongs to a transaction that had ended before that one drew its seq, hence
-            # before this snapshot was taken: it is visible here, or it rolled back.
-            first, newest = conn.execute(_feed_bounds(after_seq)).one()
-            if first is None or newest is None:
-                return [], after_seq
-            end = min(first + FEED_STRETCH - 1, newest)
-            seqs: list[int] = []
-            total = 0
-            full = False
-            for seq, size in conn.execute(_feed_sizes(conn, subscriber_id, after_seq, end, limit)):
-                total += size
-                if seqs and total > FEED_PAGE_BYTES:
-                    full = True
-                    break
-                seqs.append(seq)
-            if len(seqs) == limit:
-                full = True
-            # A full page may have stopped before the end of the stretch: go on after it.
-            cursor = seqs[-1] if full else end
-            if not seqs:
-                return [], cursor
-            # By their keys: the subscriber's deliveries are not read a second time.
-            page = events.select().where(events.c.seq.in_(seqs)).order_by(events.c.seq)
-            return conn.execute(page).all(), cursor
-
-        rows, cursor = await self._run(work, snapshot=True)
-        return [_event(row._mapping) for row in rows], cursor
+        cursor = after_seq
+        while True:
+            rows, end, at_newest = await self._run(
+                functools.partial(_feed_stretch, subscriber_id, cursor, limit), snapshot=True
+            )
+            if rows or at_newest:
+                return [_event(row._mapping) for row in rows], end
+            cursor = end
 
     # -- people at the end: dead-letter digests and automatic disabling ---------------------
 
@@ -1011,6 +988,46 @@ def _lock_feed(conn: Connection) -> None:
     """See FEED_LOCK_KEY; SQLite's transactions run one at a time and need no lock."""
     if conn.dialect.name == "postgresql":
         conn.execute(_LOCK_FEED)
+
+
+def _feed_stretch(
+    subscriber_id: str, after_seq: int, limit: int, conn: Connection
+) -> tuple[Sequence[Any], int, bool]:
+    """One page of the feed from the FEED_STRETCH seq values after ``after_seq``: its rows,
+    the cursor after it, and whether that cursor is at the newest event.
+
+    The cursor is the last listed event's seq when the page is full, otherwise the end
+    of the stretch looked at. The newest seq is read in the same snapshot, so the cursor
+    never passes an event this snapshot cannot see, and none newer could appear below it
+    later: on SQLite writes run one at a time and a new rowid is one past the highest
+    (retention keeps the newest event); on PostgreSQL an emit holds FEED_LOCK_KEY from
+    drawing its seqs to its commit, so a seq below the newest visible one belongs to a
+    transaction that had ended before that one drew its seq, hence before this snapshot
+    was taken: it is visible here, or it rolled back.
+    """
+    _load_subscriber(conn, subscriber_id)
+    first, newest = conn.execute(_feed_bounds(after_seq)).one()
+    if first is None or newest is None:
+        return [], after_seq, True
+    end = min(first + FEED_STRETCH - 1, newest)
+    seqs: list[int] = []
+    total = 0
+    full = False
+    for seq, size in conn.execute(_feed_sizes(conn, subscriber_id, after_seq, end, limit)):
+        total += size
+        if seqs and total > FEED_PAGE_BYTES:
+            full = True
+            break
+        seqs.append(seq)
+    if len(seqs) == limit:
+        full = True
+    # A full page may have stopped before the end of the stretch: go on after it.
+    cursor = seqs[-1] if full else end
+    if not seqs:
+        return [], cursor, cursor == newest
+    # By their keys: the subscriber's deliveries are not read a second time.
+    page = events.select().where(events.c.seq.in_(seqs)).order_by(events.c.seq)
+    return conn.execute(page).all(), cursor, cursor == newest
 
 
 def _feed_bounds(after_seq: int) -> sa.Select[int | None, int | None]:

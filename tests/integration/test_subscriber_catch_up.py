@@ -208,15 +208,15 @@ async def test_restart_keeps_the_cursor_and_later_events_are_pulled_too(
     assert [receipt.receive_count for receipt in found] == [1] * 5
 
 
-async def test_catch_up_goes_on_across_empty_pages_to_an_event_far_ahead(
+async def test_catch_up_reaches_an_event_more_than_a_stretch_ahead(
     publisher: PublisherApp,
     stub: Stub,
     start_subscriber: StartSubscriber,
     nowhere: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With many events for others between two of its own, the subscriber follows the moving
-    cursor through the empty pages in between and pulls the far one."""
+    """With many events for others between two of its own, more than the feed reads in one
+    stretch, the subscriber pulls the far one too."""
     monkeypatch.setattr(store_module, "FEED_STRETCH", 2)
     subscriber_id = await register_unreachable(stub, nowhere)
     near = await emit(stub, [MATCHING[0]])
