@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common import db, signing
 from publisher import model, statements
@@ -94,19 +95,7 @@ async def test_an_event_numbered_first_is_never_passed_by_the_feed_while_it_comm
         store_subscriber_spec("a", "a.*"), signing.generate_secret()
     )
     async with store.engine.connect() as first:
-        # What an emit does up to its commit, with the store's own lock.
-        await first.run_sync(store_module._lock_feed)
-        await first.execute(
-            events.insert().values(
-                id="evt_first", type="a.x", payload=b"{}", content_type="application/json",
-                created_at=1.0,
-            )
-        )  # fmt: skip
-        await first.execute(
-            deliveries.insert().values(
-                store_module._new_delivery("evt_first", subscriber.id, True, 1.0)
-            )
-        )
+        await emit_up_to_its_commit(first, subscriber.id)
         second = asyncio.create_task(
             store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
         )
@@ -137,18 +126,7 @@ async def test_the_feed_cursor_stops_below_an_event_still_committing(
     await store.create_subscriber(store_subscriber_spec("b", "b.*"), signing.generate_secret())
     await store.emit([model.NewEvent("b.x", b"{}", "application/json", "")] * 3)
     async with store.engine.connect() as first:
-        await first.run_sync(store_module._lock_feed)
-        await first.execute(
-            events.insert().values(
-                id="evt_first", type="a.x", payload=b"{}", content_type="application/json",
-                created_at=1.0,
-            )
-        )  # fmt: skip
-        await first.execute(
-            deliveries.insert().values(
-                store_module._new_delivery("evt_first", subscriber.id, True, 1.0)
-            )
-        )
+        await emit_up_to_its_commit(first, subscriber.id)
         seen, cursor = await store.events_for(subscriber.id, 0, 10)
         assert seen == []
         assert cursor > 0
@@ -156,3 +134,20 @@ async def test_the_feed_cursor_stops_below_an_event_still_committing(
 
     found, _ = await store.events_for(subscriber.id, cursor, 10)
     assert [event.id for event in found] == ["evt_first"]
+
+
+async def emit_up_to_its_commit(conn: AsyncConnection, subscriber_id: str) -> None:
+    """What an emit does up to its commit, with the store's own lock: event evt_first, of
+    type a.x, and its delivery to ``subscriber_id``."""
+    await conn.run_sync(store_module._lock_feed)
+    await conn.execute(
+        events.insert().values(
+            id="evt_first", type="a.x", payload=b"{}", content_type="application/json",
+            created_at=1.0,
+        )
+    )  # fmt: skip
+    await conn.execute(
+        deliveries.insert().values(
+            store_module._new_delivery("evt_first", subscriber_id, True, 1.0)
+        )
+    )

@@ -88,6 +88,18 @@ async def test_claiming_reads_due_deliveries_through_the_partial_index(store: St
     """The claim query is answered from ix_deliveries_due, so the backlog size does not matter."""
     params = {"b_now": time.time(), "b_limit": 100}
     query = statements.DUE_WITH_EVENTS.statement.params(**params)
+    assert "ix_deliveries_due" in await plan_of(store, query)
+
+
+async def test_the_sweep_finds_deliveries_in_doubt_through_their_own_index(store: Store) -> None:
+    """The reconciliation sweep's query is answered from ix_deliveries_doubtful, not by walking
+    every pending delivery (240-290 ms a sweep at 1M pending on SQLite before it)."""
+    query = statements.DOUBTFUL.params(b_limit=100)
+    assert "ix_deliveries_doubtful" in await plan_of(store, query)
+
+
+async def plan_of(store: Store, query: sa.ClauseElement) -> str:
+    """The database's plan for ``query``, as text."""
     async with store.engine.connect() as conn:
         compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
         if store.engine.dialect.name == "sqlite":
@@ -96,21 +108,7 @@ async def test_claiming_reads_due_deliveries_through_the_partial_index(store: St
             # On a near-empty table a sequential scan is cheaper; ask whether the index can serve.
             await conn.execute(sa.text("SET enable_seqscan = off"))
             plan = (await conn.execute(sa.text(f"EXPLAIN {compiled}"))).all()
-    assert "ix_deliveries_due" in " ".join(str(row) for row in plan)
-
-
-async def test_the_sweep_finds_deliveries_in_doubt_through_their_own_index(store: Store) -> None:
-    """The reconciliation sweep's query is answered from ix_deliveries_doubtful, not by walking
-    every pending delivery (240-290 ms a sweep at 1M pending on SQLite before it)."""
-    query = statements.DOUBTFUL.params(b_limit=100)
-    async with store.engine.connect() as conn:
-        compiled = query.compile(conn.sync_connection, compile_kwargs={"literal_binds": True})
-        if store.engine.dialect.name == "sqlite":
-            plan = (await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}"))).all()
-        else:
-            await conn.execute(sa.text("SET enable_seqscan = off"))
-            plan = (await conn.execute(sa.text(f"EXPLAIN {compiled}"))).all()
-    assert "ix_deliveries_doubtful" in " ".join(str(row) for row in plan)
+    return " ".join(str(row) for row in plan)
 
 
 def require_postgres(database_url: str) -> None:
