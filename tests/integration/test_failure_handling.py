@@ -217,10 +217,8 @@ async def test_an_uncertain_attempt_that_did_not_arrive_is_asked_about_then_sent
     await register(stub, endpoint_of(subscriber), retry_schedule=schedule(0.5, 60))
     emitted = await emit(stub)
 
-    first = await first_attempt_recorded(stub, emitted.event_id)
-    assert [a.outcome for a in first.attempts] == [UNCERTAIN]
-    assert first.state == PENDING
-
+    # Not looked at in between: the retry comes 0.5 s after the first attempt, and a loaded
+    # machine may poll after it. The second attempt shows the delivery stayed PENDING.
     delivery = await delivery_in(stub, emitted.event_id, DELIVERED)
     assert [a.outcome for a in delivery.attempts] == [UNCERTAIN, ATTEMPT_DELIVERED]
     event_id = emitted.event_id
