@@ -136,6 +136,8 @@ _HELD = model.DeliveryState.HELD.value
 _IS_PENDING = deliveries.c.state == sa.literal_column(f"'{_PENDING}'")
 # ix_deliveries_doubtful's rows (schema.DOUBTFUL), inline for the same reason.
 _IS_DOUBTFUL = sa.and_(_IS_PENDING, deliveries.c.last_outcome == sa.literal_column("'uncertain'"))
+# ix_deliveries_failed's rows (schema.FAILED): the dead letters.
+IS_FAILED = deliveries.c.state == sa.literal_column(f"'{model.DeliveryState.FAILED.value}'")
 # The reconciliation sweep's: unleased deliveries in doubt, soonest due first, with their
 # scheduled time (b_limit of them).
 DOUBTFUL = (

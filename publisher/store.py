@@ -431,14 +431,7 @@ class Store:
     async def list_deliveries(
         self, where: model.DeliveryFilter, limit: int, after_id: str
     ) -> list[model.Delivery]:
-        query = deliveries.select().where(deliveries.c.id > after_id)
-        if where.event_id:
-            query = query.where(deliveries.c.event_id == where.event_id)
-        if where.subscriber_id:
-            query = query.where(deliveries.c.subscriber_id == where.subscriber_id)
-        if where.state is not None:
-            query = query.where(deliveries.c.state.in_(_stored_states(where.state)))
-        query = query.order_by(deliveries.c.id).limit(limit)
+        query = deliveries_listed(where, limit, after_id)
         return await self._run(
             lambda conn: [_delivery(row._mapping, ()) for row in conn.execute(query)]
         )
@@ -1349,6 +1342,23 @@ def _lease_new(
         ),
         subscriber=subscriber,
     )
+
+
+def deliveries_listed(
+    where: model.DeliveryFilter, limit: int, after_id: str
+) -> sa.Select[tuple[Any, ...]]:
+    """ListDeliveries' page: ``limit`` deliveries after ``after_id`` that pass ``where``."""
+    query = deliveries.select().where(deliveries.c.id > after_id)
+    if where.event_id:
+        query = query.where(deliveries.c.event_id == where.event_id)
+    if where.subscriber_id:
+        query = query.where(deliveries.c.subscriber_id == where.subscriber_id)
+    if where.state == model.DeliveryState.FAILED:
+        # Inline, so that the dead letters come from their own index.
+        query = query.where(statements.IS_FAILED)
+    elif where.state is not None:
+        query = query.where(deliveries.c.state.in_(_stored_states(where.state)))
+    return query.order_by(deliveries.c.id).limit(limit)
 
 
 def _stored_states(state: model.DeliveryState) -> list[str]:

@@ -432,6 +432,12 @@ _WRITES_DURING_INDEXING = {
         " next_attempt_at, created_at, updated_at, last_error, last_outcome)"
         " VALUES ('dlv_{n}', 'evt_1', 'sub_1', 'pending', 0, 0, 1, 1, 1, '', 'uncertain')",
     ),
+    "0009": (
+        "0008",
+        "INSERT INTO deliveries (id, event_id, subscriber_id, state, attempts, round_attempts,"
+        " next_attempt_at, created_at, updated_at, last_error, last_outcome)"
+        " VALUES ('dlv_{n}', 'evt_1', 'sub_1', 'failed', 0, 0, 1, 1, 1, '', 'failed')",
+    ),
 }
 
 
