@@ -153,13 +153,16 @@ class CatchUp:
                         return new
                     if await self._accept(event):
                         new += 1
+                # Nothing newer for this subscriber, or a cursor that did not move (which
+                # would ask for the same page for ever).
+                done = not response.events or response.next_cursor == cursor
                 # Saved even after an empty page: its cursor may have moved past others'
                 # events, which the next round then need not look at again.
                 if response.next_cursor != cursor:
                     cursor = response.next_cursor
                     await self._save_cursor(cursor)
-                if not response.events:
-                    return new  # Nothing newer for this subscriber.
+                if done:
+                    return new
             finally:
                 self._busy = False
         return new
