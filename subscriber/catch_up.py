@@ -135,7 +135,7 @@ class CatchUp:
             self._channel = None
 
     async def _round(self, stub: publisher_pb2_grpc.PublisherServiceAsyncStub) -> int:
-        """Pulls pages until one is empty; returns how many events were new."""
+        """Pulls pages until the cursor stays put; returns how many events were new."""
         cursor = await self._load_cursor()
         new = 0
         while not self._stopping.is_set():
@@ -153,16 +153,13 @@ class CatchUp:
                         return new
                     if await self._accept(event):
                         new += 1
-                # Nothing newer for this subscriber, or a cursor that did not move (which
-                # would ask for the same page for ever).
-                done = not response.events or response.next_cursor == cursor
-                # Saved even after an empty page: its cursor may have moved past others'
-                # events, which the next round then need not look at again.
-                if response.next_cursor != cursor:
-                    cursor = response.next_cursor
-                    await self._save_cursor(cursor)
-                if done:
+                # An unchanged cursor: nothing newer (or a publisher that would answer the
+                # same page for ever). An empty page whose cursor moved went past a long
+                # run of others' events: go on from there.
+                if response.next_cursor == cursor:
                     return new
+                cursor = response.next_cursor
+                await self._save_cursor(cursor)
             finally:
                 self._busy = False
         return new

@@ -83,6 +83,34 @@ async def test_few_events_among_many_for_others_arrive_once_in_order_with_no_emp
     assert max(len(page) for page in pages) == 7
 
 
+async def test_a_call_that_finds_nothing_in_its_stretches_answers_an_empty_page_further_on(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call goes through FEED_STRETCHES_PER_CALL stretches of others' events at most: then
+    it answers an empty page whose cursor moved past them, short of the newest event, and a
+    client that goes on while the cursor moves gets the event beyond."""
+    monkeypatch.setattr(store_module, "FEED_STRETCHES_PER_CALL", 2)
+    rare = await store.create_subscriber(
+        store_subscriber_spec("rare", "r.*"), signing.generate_secret()
+    )
+    await store.create_subscriber(store_subscriber_spec("busy", "a.*"), signing.generate_secret())
+    await emit(store, "a.x", 5 * STRETCH)
+    wanted = await emit(store, "r.x")
+
+    found, cursor = await store.events_for(rare.id, 0, 10)
+    assert (found, cursor) == ([], 2 * STRETCH)
+
+    listed: list[str] = []
+    for _ in range(10):
+        found, after = await store.events_for(rare.id, cursor, 10)
+        listed += [event.id for event in found]
+        if after == cursor:
+            break
+        cursor = after
+    assert listed == wanted
+    assert cursor == await newest_seq(store)
+
+
 async def test_a_caught_up_subscriber_keeps_its_cursor_at_the_newest_event(store: Store) -> None:
     """Past its own last event, a subscriber's cursor goes on over the others' newer events
     to the newest one and no further, and stays there while nothing newer comes."""
