@@ -1361,7 +1361,8 @@ def deliveries_listed(
     if where.subscriber_id:
         query = query.where(deliveries.c.subscriber_id == where.subscriber_id)
     if where.state == model.DeliveryState.FAILED:
-        # Inline, so that the dead letters come from their own index.
+        # Inline and as an equality, so that the dead letters come from their own index:
+        # SQLite does not see that state IN ('failed') implies the index's state = 'failed'.
         query = query.where(statements.IS_FAILED)
     elif where.state is not None:
         query = query.where(deliveries.c.state.in_(_stored_states(where.state)))
