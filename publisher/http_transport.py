@@ -7,25 +7,19 @@ each failure is whether the request may have reached the subscriber.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import email.utils
 import importlib.metadata
 import json
 import math
+import ssl
 import time
 import urllib.parse
-from dataclasses import dataclass
 from datetime import UTC
 
-import aiohttp
 import yarl
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 
 from common import signing
-from publisher import ssrf
+from publisher import http_client, ssrf
 from publisher import transport as tx
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -40,43 +34,6 @@ USER_AGENT = f"grpc-webhooks/{_VERSION}"
 _RETRY_AFTER_STATUSES = {429, 503}
 
 
-@dataclass
-class _Progress:
-    """Whether aiohttp holds a connection for the request, after which the subscriber may
-    have it: aiohttp writes the request as soon as it has one."""
-
-    sent: bool = False
-
-
-# The progress of the delivery this task is sending; status questions leave it unset.
-_progress: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar(
-    "_progress", default=None
-)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """Marks the task's delivery as possibly sent once a connection is handed to it.
-
-    aiohttp's request tracing could tell the same, but it builds several trace
-    objects per request even for unwatched signals: 7% of the publisher's CPU
-    in e2e_http. ``connect`` runs inside the task that called ``post``, so the
-    context variable is that delivery's.
-    """
-
-    # aiohttp's signature, timeout parameter included.
-    async def connect(
-        self,
-        req: ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        progress = _progress.get()
-        if progress is not None:
-            progress.sent = True
-        return connection
-
-
 class HttpTransport:
     def __init__(
         self,
@@ -85,29 +42,19 @@ class HttpTransport:
         connect_timeout: float = 5.0,
         max_response_bytes: int = 65536,
         pool_limit: int = 100,
+        tls: ssl.SSLContext | None = None,
         now: tx.Clock = time.time,
     ) -> None:
         self._guard = guard
-        self._connect_timeout = connect_timeout
-        self._max_response_bytes = max_response_bytes
-        self._pool_limit = pool_limit
         self._now = now
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        # Created on first use, since a session belongs to the loop it was made in.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=_Connector(
-                    limit=self._pool_limit,
-                    resolver=None if self._guard is None else ssrf.GuardedResolver(self._guard),
-                ),
-                # One subscriber's cookies must not ride on later deliveries.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # A compressed body would inflate past the read cap in one chunk.
-                auto_decompress=False,
-            )
-        return self._session
+        self._client = http_client.Client(
+            # Every connection goes to addresses the guard checked when it was opened.
+            resolve=None if guard is None else guard.resolve,
+            connect_timeout=connect_timeout,
+            max_response_bytes=max_response_bytes,
+            pool_limit=pool_limit,
+            tls=tls,
+        )
 
     async def send(self, attempt: tx.Attempt) -> tx.Result:
         if attempt.body_format == "raw":
@@ -121,42 +68,25 @@ class HttpTransport:
             )
         try:
             url = yarl.URL(attempt.endpoint)
-        except ValueError as error:
-            return tx.Result(
-                tx.Outcome.FAILED, error=tx.excerpt(f"not sent: bad endpoint: {error}")
-            )
-        progress = _Progress()
-        tracking = _progress.set(progress)
-        try:
-            # The guarded resolver never sees IP literals, so they are checked here.
+            # Checked before any lookup: a name is checked by the guard's resolve instead.
             if self._guard is not None and url.raw_host:
                 self._guard.check_literal(url.raw_host)
-            async with self._client().post(
-                url,
-                data=body,
-                headers=self._headers(attempt, body, content_type),
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=attempt.timeout, sock_connect=self._connect_timeout
-                ),
-            ) as response:
-                return await self._classify(response)
+            response = await self._client.request(
+                "POST", url, self._headers(attempt, body, content_type), body, attempt.timeout
+            )
         except ssrf.Refused as refused:
             return tx.Result(tx.Outcome.FAILED, error=f"not sent: {refused}")
         except ValueError as error:
-            # Raised before a byte is written (before a connection is taken): an
-            # unusable URL, or a header value that would inject headers.
+            # Raised before a byte is written: an unusable URL, or a header value that
+            # would inject headers.
             return tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"not sent: {error}"))
-        except (aiohttp.ClientError, OSError, TimeoutError) as error:
-            reason = self._describe(error, attempt)
-            if progress.sent:
+        except http_client.Failed as failed:
+            if failed.sent:
                 return tx.Result(
-                    tx.Outcome.UNCERTAIN, error=tx.excerpt(f"sent, but no answer: {reason}")
+                    tx.Outcome.UNCERTAIN, error=tx.excerpt(f"sent, but no answer: {failed}")
                 )
-            return tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"not sent: {reason}"))
-        finally:
-            # A status question later in the same task must not mark this delivery.
-            _progress.reset(tracking)
+            return tx.Result(tx.Outcome.FAILED, error=tx.excerpt(f"not sent: {failed}"))
+        return self._classify(response)
 
     def _headers(self, attempt: tx.Attempt, body: bytes, content_type: str) -> dict[str, str]:
         now = self._now()
@@ -178,10 +108,8 @@ class HttpTransport:
             "accept-encoding": "identity",
         }
 
-    async def _classify(self, response: aiohttp.ClientResponse) -> tx.Result:
+    def _classify(self, response: http_client.Response) -> tx.Result:
         status = response.status
-        # Read even on success, so that a short body leaves the connection reusable.
-        text = (await self._read_capped(response)).decode("utf-8", "replace")
         if 200 <= status < 300:
             return tx.Result(tx.Outcome.DELIVERED, status_code=status)
         if 300 <= status < 400:
@@ -194,6 +122,7 @@ class HttpTransport:
         retry_after = None
         if status in _RETRY_AFTER_STATUSES:
             retry_after = _retry_after(response.headers.get("retry-after"), self._now())
+        text = response.body.decode("utf-8", "replace")
         return tx.Result(
             tx.Outcome.FAILED,
             status_code=status,
@@ -202,69 +131,36 @@ class HttpTransport:
             gone=status == 410,
         )
 
-    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
-        """At most ``max_response_bytes`` of the body; what is left unread closes the connection.
-
-        The status is the subscriber's answer, so a body that stalls past the
-        timeout or breaks off only shortens the excerpt.
-        """
-        body = bytearray()
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            while len(body) < self._max_response_bytes:
-                chunk = await response.content.read(self._max_response_bytes - len(body))
-                if not chunk:
-                    break
-                body += chunk
-        return bytes(body)
-
     async def status(self, attempt: tx.Attempt) -> tx.Receipt:
         """GETs the subscriber's status URL, signed with a status token for the event."""
         if not attempt.status_url:
             return tx.Receipt.UNANSWERED
         event_id = urllib.parse.quote(attempt.event_id, safe="")
-        authorization = tx.status_bearer(attempt, self._now())
+        headers = {
+            "authorization": tx.status_bearer(attempt, self._now()),
+            "user-agent": USER_AGENT,
+            "accept-encoding": "identity",
+        }
         try:
             url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
             if self._guard is not None and url.raw_host:
                 self._guard.check_literal(url.raw_host)
-            async with self._client().get(
-                url,
-                headers={"authorization": authorization, "user-agent": USER_AGENT},
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS),
-                    sock_connect=self._connect_timeout,
-                ),
-            ) as response:
-                if response.status == 404:
-                    return tx.Receipt.MISSING
-                if response.status != 200:
-                    return tx.Receipt.UNANSWERED
-                answer = json.loads(await self._read_capped(response))
+            response = await self._client.request(
+                "GET", url, headers, b"", min(attempt.timeout, tx.STATUS_TIMEOUT_SECONDS)
+            )
+            if response.status == 404:
+                return tx.Receipt.MISSING
+            if response.status != 200:
+                return tx.Receipt.UNANSWERED
+            answer = json.loads(response.body)
         # RecursionError: json.loads on a body nested deeper than the interpreter's stack.
-        except (
-            ssrf.Refused,
-            ValueError,
-            RecursionError,
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-        ):
+        except (ssrf.Refused, ValueError, RecursionError, http_client.Failed):
             return tx.Receipt.UNANSWERED
         state = answer.get("state") if isinstance(answer, dict) else None
         return tx.receipt_of(state) if isinstance(state, str) else tx.Receipt.UNANSWERED
 
-    def _describe(self, error: BaseException, attempt: tx.Attempt) -> str:
-        if isinstance(error, aiohttp.ConnectionTimeoutError):
-            return f"connecting timed out after {self._connect_timeout:g}s"
-        if isinstance(error, TimeoutError):
-            return f"timed out after {attempt.timeout:g}s"
-        return str(error) or type(error).__name__
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
 
 def _retry_after(value: str | None, now: float) -> float | None:

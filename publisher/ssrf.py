@@ -1,10 +1,9 @@
 """The SSRF guard: subscriber endpoints may only reach public addresses, unless allowlisted.
 
 An endpoint is checked when it is registered and again whenever a delivery
-resolves it, because DNS answers change. On delivery the check happens inside
-aiohttp's resolver, so the connection goes to exactly the addresses that were
-checked; a second lookup, which DNS rebinding could answer differently, never
-happens.
+opens a connection to it, because DNS answers change. On delivery the HTTP
+client connects to exactly the addresses ``Guard.resolve`` returned; a second
+lookup, which DNS rebinding could answer differently, never happens.
 
 The tables below are explicit on purpose: ``ipaddress``'s ``is_private`` and
 ``is_global`` changed meaning across Python versions.
@@ -18,14 +17,13 @@ import socket
 from collections.abc import Sequence
 
 import yarl
-from aiohttp import abc
 
 from common import errors
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 UNRESOLVABLE = "unresolvable"
-# A host aiohttp takes for an IP address (digits and dots, or a colon) that is not one as written.
+# A host that looks like an IP address (digits and dots, or a colon) but is not one as written.
 NOT_STANDARD = "not-standard"
 # A registration waits this long for DNS before refusing the endpoint.
 REGISTRATION_LOOKUP_SECONDS = 5.0
@@ -136,13 +134,13 @@ def ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def bypasses_resolver(host: str) -> bool:
-    """Whether aiohttp connects to ``host`` without asking its resolver.
+def looks_numeric(host: str) -> bool:
+    """Whether ``host`` looks like an IP address: it has a colon, or only digits and dots.
 
-    aiohttp takes any host with a colon, or made only of digits and dots, for an
-    IP literal and connects to it directly, so such hosts must be checked before
-    the request instead of in ``GuardedResolver``, and must be addresses as
-    written: the socket layer resolves anything else itself at connect time.
+    Such a host must be an address as written. The system resolver reads legacy
+    forms its own way (``134744072`` is 8.8.8.8, ``127.1`` is 127.0.0.1) and sends
+    others (``1.2.3.4.5``) to DNS, and HTTP libraries disagree on which of them
+    are literals: what the guard checked and what a library connects to could differ.
     """
     return ":" in host or host.replace(".", "").isdigit()
 
@@ -173,7 +171,7 @@ class Guard:
 
     def check_literal(self, host: str) -> IPAddress | None:
         """The address ``host`` spells out, checked (Refused if refused); None for a name,
-        which ``GuardedResolver`` checks when aiohttp resolves it.
+        which ``resolve`` checks when a connection is opened.
 
         Remembered per host: every delivery to an IP endpoint asks, and parsing
         and classifying the address was 3% of the publisher's CPU in e2e_http.
@@ -183,10 +181,7 @@ class Guard:
             literal = ip_literal(host)
             if literal is not None:
                 known = (literal, self._refusal(literal))
-            elif bypasses_resolver(host):
-                # aiohttp 3.13 hands such a host to the socket, which looks it up again
-                # (a name like 1.2.3.4.5 goes to DNS): checking an answer here would not
-                # check the address connected to. Later releases refuse it at send time.
+            elif looks_numeric(host):
                 known = (None, NOT_STANDARD)
             else:
                 known = (None, None)
@@ -254,33 +249,3 @@ class Guard:
             raise errors.InvalidArgument(field, str(error)) from None
         except TimeoutError:
             raise errors.InvalidArgument(field, f"looking up {url!r} timed out") from None
-
-
-class GuardedResolver(abc.AbstractResolver):
-    """An aiohttp resolver that hands the connector only addresses the guard accepted.
-
-    TLS still verifies the certificate against the URL's host name, which the
-    connector keeps apart from the address it connects to.
-    """
-
-    def __init__(self, guard: Guard) -> None:
-        self._guard = guard
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[abc.ResolveResult]:
-        addresses = await self._guard.resolve(host, port, family=family)
-        return [
-            abc.ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=socket.IPPROTO_TCP,
-                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-            )
-            for address in addresses
-        ]
-
-    async def close(self) -> None:
-        """Nothing to release: lookups go through the event loop."""

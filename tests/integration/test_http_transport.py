@@ -446,9 +446,9 @@ async def test_a_name_is_resolved_once_and_the_checked_address_is_the_one_connec
 async def test_a_numeric_name_that_is_not_an_address_is_not_sent_nor_looked_up(
     monkeypatch: pytest.MonkeyPatch, subscriber: Subscriber
 ) -> None:
-    """aiohttp hands a host of digits and dots to the socket, which looks it up again at
-    connect time: checking one DNS answer (public here) would let the connect use another
-    (loopback, which this guard refuses)."""
+    """A host of digits and dots is refused as written: the system resolver would send
+    1.2.3.4.5 to DNS, whose answer could differ between the check (public here) and the
+    connection (loopback, which this guard refuses)."""
     loop = asyncio.get_running_loop()
     lookups: list[str] = []
     real_getaddrinfo: Callable[..., Any] = loop.getaddrinfo
