@@ -101,30 +101,26 @@ class Client:
         head = _head(method, url, headers, body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        sent = False
-        connection: _Connection | None = None
+        # An idle connection is the common case, and needs no deadline to take it.
+        connection = self._idle_connection(origin, loop.time())
+        if connection is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._new_connection(origin)
+            except TimeoutError:
+                raise Failed(f"timed out after {timeout:g}s", sent=False) from None
+            except (OSError, _Broken) as error:
+                raise Failed(str(error) or type(error).__name__, sent=False) from None
+        # From here on the server may get the request.
         try:
-            async with asyncio.timeout_at(deadline):
-                connection = await self._acquire(origin)
-                sent = True
-                status, answer_headers = await connection.exchange(head, body)
+            status, answer_headers = await connection.exchange(head, body, deadline)
+            answer_body = await connection.rest_of_body()
         except TimeoutError:
-            if connection is not None:
-                self._discard(connection)
-            raise Failed(f"timed out after {timeout:g}s", sent=sent) from None
+            self._discard(connection)
+            raise Failed(f"timed out after {timeout:g}s", sent=True) from None
         except (OSError, _Broken) as error:
-            if connection is not None:
-                self._discard(connection)
-            raise Failed(str(error) or type(error).__name__, sent=sent) from None
-        except BaseException:
-            if connection is not None:
-                self._discard(connection)
-            raise
-        try:
-            async with asyncio.timeout_at(deadline):
-                answer_body = await connection.rest_of_body()
-        except TimeoutError:
-            answer_body = connection.body_so_far()
+            self._discard(connection)
+            raise Failed(str(error) or type(error).__name__, sent=True) from None
         except BaseException:
             self._discard(connection)
             raise
@@ -134,17 +130,21 @@ class Client:
             self._discard(connection)
         return Response(status, answer_headers, answer_body)
 
-    async def _acquire(self, origin: _Origin) -> _Connection:
+    def _idle_connection(self, origin: _Origin, now: float) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.usable and now - connection.idle_since < self._idle_seconds:
+                return connection
+            self._discard(connection)
+        return None
+
+    async def _new_connection(self, origin: _Origin) -> _Connection:
+        """Opens a connection once there is room (or hands over one that came back idle)."""
         loop = asyncio.get_running_loop()
         while True:
             if self._closed:
                 raise _Broken("the client is closed")
-            idle = self._idle.get(origin)
-            while idle:
-                connection = idle.pop()
-                if connection.usable and loop.time() - connection.idle_since < self._idle_seconds:
-                    return connection
-                self._discard(connection)
             if self._open < self._limit or self._close_one_idle():
                 break
             # Every connection is busy: wait for one to come back or close.
@@ -158,6 +158,9 @@ class Client:
                 elif not waiter.cancelled():
                     self._wake()  # Pass the turn this waiter was given on.
                 raise
+            connection = self._idle_connection(origin, loop.time())
+            if connection is not None:
+                return connection
         self._open += 1
         try:
             return await self._connect(origin)
@@ -290,6 +293,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self._overflow = False
+        # The exchange's deadline: one timer, cheaper than asyncio.timeout's task cancellation.
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -364,8 +369,11 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self._complete and self._keep_alive and not self._overflow and not self._lost
 
-    async def exchange(self, head: bytes, body: bytes) -> tuple[int, Mapping[str, str]]:
-        """Writes the request; returns the answer's status and headers."""
+    async def exchange(
+        self, head: bytes, body: bytes, deadline: float
+    ) -> tuple[int, Mapping[str, str]]:
+        """Writes the request; returns the answer's status and headers by ``deadline``
+        (TimeoutError after it)."""
         loop = asyncio.get_running_loop()
         self._busy = True
         self._parser = httptools.HttpResponseParser(self)
@@ -378,21 +386,33 @@ class _Connection(asyncio.Protocol):
         self._message_done = loop.create_future()
         if self._transport is None:
             raise ConnectionResetError("the server closed the connection")
+        self._timer = loop.call_at(deadline, self._time_out)
         self._transport.writelines((head, body) if body else (head,))
         await self._head_done
         return self._status, self._headers
 
     async def rest_of_body(self) -> bytes:
+        """The body, whole or as far as it came by the deadline: the status is the answer."""
         assert self._message_done is not None
         await self._message_done
         self._busy = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         return bytes(self._body)
 
-    def body_so_far(self) -> bytes:
-        return bytes(self._body)
+    def _time_out(self) -> None:
+        self._timer = None
+        self._settle(self._head_done, TimeoutError())
+        # The body so far is what there is; the connection cannot be reused mid-answer.
+        self._settle(self._message_done, None)
+        self.close()
 
     def close(self) -> None:
         self._busy = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
