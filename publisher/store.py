@@ -11,6 +11,7 @@ only emits wait for the disk at commit (see ``_run``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -138,12 +139,15 @@ class Store:
         # SQLite: every transaction runs whole on one thread of its own (see _run).
         self._thread: ThreadPoolExecutor | None = None
         self._thread_engine: Engine | None = None
+        # The thread's connection, opened on its first transaction (see _in_thread).
+        self._thread_conn: Connection | None = None
         if engine.dialect.name == "sqlite":
             url = engine.url.render_as_string(hide_password=False)
             self._thread_engine = db.create_sqlite_thread_engine(url)
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         # What the thread's connection commits with now (see _in_thread); db sets FULL.
-        self._synchronous_full = True
+        # None: not known, after a failed transaction.
+        self._synchronous_full: bool | None = True
         self._emits: GroupCommit[model.NewEvent, model.EmitResult] = GroupCommit(
             self._write_events, MAX_EMIT_BATCH
         )
@@ -192,7 +196,12 @@ class Store:
 
     def _in_thread(self, work: Callable[[Connection], T], durable: bool) -> T:
         assert self._thread_engine is not None
-        with self._thread_engine.connect() as conn:
+        # One connection, kept open for the thread's life: checking one out of the pool
+        # per transaction was a tenth of the thread's CPU in e2e_grpc_batch.
+        conn = self._thread_conn
+        if conn is None:
+            conn = self._thread_conn = self._thread_engine.connect()
+        try:
             if durable != self._synchronous_full:
                 # Outside any transaction (the driver never begins one on its own). FULL
                 # syncs the WAL at commit; NORMAL leaves it to the next FULL or checkpoint:
@@ -202,6 +211,19 @@ class Store:
                 self._synchronous_full = durable
             with conn.begin():
                 return work(conn)
+        except BaseException:
+            # Whatever state a failure left the connection in, the next transaction
+            # starts on a fresh one, and sets its commit mode whatever it needs: the
+            # pool may hand back the same driver connection, or a new one (FULL).
+            self._thread_conn = None
+            self._synchronous_full = None
+            conn.close()
+            raise
+
+    def _close_thread_conn(self) -> None:
+        if self._thread_conn is not None:
+            self._thread_conn.close()
+            self._thread_conn = None
 
     def _announce(self, conn: Connection) -> None:
         """Tells the other replicas, on commit, that deliveries became due (PostgreSQL only)."""
@@ -212,6 +234,11 @@ class Store:
         await self._emits.close()
         await self._records.close()
         if self._thread is not None and self._thread_engine is not None:
+            # A second close finds the thread shut down, and its connection closed.
+            with contextlib.suppress(RuntimeError):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._close_thread_conn
+                )
             self._thread.shutdown(wait=True)
             self._thread_engine.dispose()
         await self._engine.dispose()

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from publisher import model
@@ -49,3 +51,23 @@ async def test_emits_wait_for_the_disk_and_claims_and_outcomes_do_not(store: Sto
     await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
 
     assert seen == [False, False, True]
+
+
+async def test_after_a_failed_transaction_an_emit_still_waits_for_the_disk(store: Store) -> None:
+    """The store thread keeps one connection; a failure replaces it, and the next transaction
+    must not trust what the failed one's connection was set to commit with."""
+    await one_pending_delivery(store)
+    await store.claim("replica", 10, lease_seconds=60.0)  # Leaves the connection not syncing.
+
+    def fail(conn: Connection) -> None:
+        conn.exec_driver_sql("SELECT * FROM no_such_table")
+
+    with pytest.raises(sa.exc.DBAPIError):
+        await store._run(fail, durable=False)
+    seen = probe(store)
+
+    await store.emit([model.NewEvent("a.b", b"{}", "application/json", "")])
+    (claim,) = await store.claim("replica", 10, lease_seconds=60.0)
+
+    assert seen == [True, False]
+    assert claim.event.type == "a.b"
