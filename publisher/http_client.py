@@ -285,6 +285,10 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._parser: httptools.HttpResponseParser | None = None
         self._head_bytes = 0
+        # The head's size as parsed: a head read in one chunk is counted here.
+        self._head_size = 0
+        # A second answer began after the first was complete: nothing of it is taken.
+        self._unexpected = False
         self._status = 0
         self._headers: dict[str, str] = {}
         self._body = bytearray()
@@ -309,6 +313,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(_Broken("the server switched protocols unasked"))
+            return
         except httptools.HttpParserError as error:
             self._fail(_Broken(f"malformed response: {error}"))
             return
@@ -328,22 +335,42 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Bytes after the answer, in the same read: the server is answering something
+            # not asked, and the connection's framing can no longer be trusted.
+            self._unexpected = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._head_size += len(reason)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._unexpected:
+            return
+        self._head_size += len(name) + len(value) + 4
         key = name.decode("latin-1").lower()
         if key not in self._headers:
             self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._unexpected:
+            return
+        if self._head_size > MAX_HEAD_BYTES:
+            self._fail(_Broken(f"response head over {MAX_HEAD_BYTES} bytes"))
+            return
         assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (102, 103): the real one follows on the same message stream.
             self._headers = {}
+            self._head_size = 0
             return
         self._status = status
         self._settle(self._head_done, None)
 
     def on_body(self, chunk: bytes) -> None:
+        if self._unexpected:
+            return
         room = self._max_body - len(self._body)
         self._body += chunk[:room]
         if len(chunk) > room:
@@ -352,7 +379,7 @@ class _Connection(asyncio.Protocol):
             self._settle(self._message_done, None)
 
     def on_message_complete(self) -> None:
-        if self._status == 0:
+        if self._unexpected or self._status == 0:
             return  # The end of an interim answer.
         assert self._parser is not None
         self._complete = True
@@ -367,7 +394,11 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and not self._overflow and not self._lost
+        return (
+            self._complete
+            and self._keep_alive
+            and not (self._overflow or self._unexpected or self._lost)
+        )
 
     async def exchange(
         self, head: bytes, body: bytes, deadline: float
@@ -377,11 +408,11 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._busy = True
         self._parser = httptools.HttpResponseParser(self)
-        self._head_bytes = 0
+        self._head_bytes = self._head_size = 0
         self._status = 0
         self._headers = {}
         self._body = bytearray()
-        self._complete = self._keep_alive = self._overflow = False
+        self._complete = self._keep_alive = self._overflow = self._unexpected = False
         self._head_done = loop.create_future()
         self._message_done = loop.create_future()
         if self._transport is None:
@@ -443,10 +474,18 @@ def _origin(url: yarl.URL) -> _Origin:
 
 def _head(method: str, url: yarl.URL, headers: Mapping[str, str], body: bytes) -> bytes:
     """The request line and headers; ValueError if a value would break the framing."""
-    lines = [f"{method} {url.raw_path_qs or '/'} HTTP/1.1", f"host: {url.host_port_subcomponent}"]
+    target = url.raw_path_qs or "/"
+    if _UNSAFE_TARGET.search(target):
+        raise ValueError(f"the request target {target!r} holds a space or a control character")
+    lines = [f"{method} {target} HTTP/1.1", f"host: {url.host_port_subcomponent}"]
     if body or method not in ("GET", "HEAD"):
         lines.append(f"content-length: {len(body)}")
     for name, value in headers.items():
+        if name not in _TOKENS:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if len(_TOKENS) < 256:
+                _TOKENS.add(name)
         if _UNSAFE.search(value):
             raise ValueError(f"header {name!r} holds a control character")
         lines.append(f"{name}: {value}")
@@ -457,3 +496,8 @@ def _head(method: str, url: yarl.URL, headers: Mapping[str, str], body: bytes) -
 # A header value may not hold CR, LF, NUL or another control but tab: CR and LF would
 # inject headers of the sender's choosing.
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# A request target is printable ASCII (a URL parsed as already encoded may hold spaces).
+_UNSAFE_TARGET = re.compile("[^\x21-\x7e]")
+# Header names (RFC 9110 tokens); those seen once are remembered, since they are few.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKENS: set[str] = set()
