@@ -250,8 +250,8 @@ async def test_a_500_is_retried_on_the_schedule_and_the_log_keeps_the_body_excer
 async def test_every_delivery_in_flight_holds_its_own_connection(
     open_publisher: OpenPublisher, receiver: Receiver
 ) -> None:
-    """With --max-in-flight above aiohttp's default pool of 100, a slow subscriber still gets
-    every one of the deliveries in flight at once, rather than 100 and a queue."""
+    """With --max-in-flight above the HTTP client's default pool of 100, a slow subscriber
+    still gets every one of the deliveries in flight at once, rather than 100 and a queue."""
     in_flight = 120
     stub = (await open_publisher(max_in_flight=in_flight)).stub
     endpoint = receiver.script("/slow", Answer(hang=True))
