@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import grpc
 import grpc.aio
+import yarl
 
 from common import log
 from common.gen.webhooks.v1 import (
@@ -30,6 +30,7 @@ from common.gen.webhooks.v1 import (
     subscriber_pb2,
     subscriber_pb2_grpc,
 )
+from publisher import http_client
 from publisher.store import new_id
 
 from . import runtime
@@ -59,11 +60,15 @@ class GrpcSender:
 
 
 class HttpSender:
+    """POSTs with the publisher's own HTTP client, as its HttpTransport does."""
+
     def __init__(self, url: str, max_in_flight: int) -> None:
-        self._url = url
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_in_flight),
-            timeout=aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT),
+        self._url = yarl.URL(url)
+        self._client = http_client.Client(
+            resolve=None,
+            connect_timeout=5.0,
+            max_response_bytes=65536,
+            pool_limit=max_in_flight,
         )
 
     async def send(self, delivery_id: str, event: event_pb2.Event) -> None:
@@ -73,12 +78,14 @@ class HttpSender:
             "webhook-id": event.id,
             "webhook-delivery-id": delivery_id,
         }
-        async with self._session.post(self._url, data=event.payload, headers=headers) as response:
-            await response.read()
-            response.raise_for_status()
+        response = await self._client.request(
+            "POST", self._url, headers, event.payload, DELIVERY_TIMEOUT
+        )
+        if response.status >= 300:
+            raise RuntimeError(f"HTTP {response.status}")
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._client.close()
 
 
 class Relay(publisher_pb2_grpc.PublisherServiceServicer):
