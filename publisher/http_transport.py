@@ -32,6 +32,8 @@ USER_AGENT = f"grpc-webhooks/{_VERSION}"
 
 # The subscriber asks for a pause with these; other statuses follow the schedule.
 _RETRY_AFTER_STATUSES = {429, 503}
+# "{event_id}" in a status URL, as a parsed URL spells it.
+_ENCODED_PLACEHOLDER = "%7Bevent_id%7D"
 
 
 class HttpTransport:
@@ -142,7 +144,11 @@ class HttpTransport:
             "accept-encoding": "identity",
         }
         try:
-            url = yarl.URL(attempt.status_url.replace("{event_id}", event_id), encoded=True)
+            # Parsed first, so that a space or a non-ASCII character in the registered URL
+            # is percent-encoded (and a non-ASCII host made ASCII), escapes already there
+            # kept; the placeholder comes out encoded too, and the quoted id goes in its place.
+            template = str(yarl.URL(attempt.status_url))
+            url = yarl.URL(template.replace(_ENCODED_PLACEHOLDER, event_id), encoded=True)
             if self._guard is not None and url.raw_host:
                 self._guard.check_literal(url.raw_host)
             response = await self._client.request(

@@ -41,6 +41,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Subscriber:
 
     async def record(self, request: web.Request) -> None:
         headers = {name.lower(): value for name, value in request.headers.items()}
-        self.received.append(Received(request.path, headers, await request.read()))
+        query = dict(request.query)
+        self.received.append(Received(request.path, headers, await request.read(), query))
 
     async def ok(self, request: web.Request) -> web.StreamResponse:
         await self.record(request)
@@ -562,3 +564,21 @@ async def test_a_status_answer_nested_too_deep_to_parse_is_unanswered_not_raised
     assert receipt is tx.Receipt.UNANSWERED
     [question] = subscriber.received
     assert question.path == "/status/200"
+
+
+async def test_a_status_url_with_a_space_and_a_non_ascii_character_is_asked_encoded(
+    subscriber: Subscriber, transport: http_transport.HttpTransport
+) -> None:
+    """Registration takes such a URL; the request line cannot carry it as written."""
+    attempt = make_attempt(
+        subscriber.url("/ok"),
+        status_url=subscriber.url("/status/404?note=a b&name=café&event={event_id}"),
+    )
+
+    async with asyncio.timeout(DEADLINE):
+        receipt = await transport.status(attempt)
+
+    assert receipt is tx.Receipt.MISSING
+    [question] = subscriber.received
+    assert question.path == "/status/404"
+    assert question.query == {"note": "a b", "name": "café", "event": attempt.event_id}
