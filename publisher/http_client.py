@@ -38,6 +38,10 @@ MAX_HEAD_BYTES = 65536
 # server is closing at that moment costs an uncertain outcome (the request may have
 # been read), so connections are dropped well before most servers would drop them.
 IDLE_SECONDS = 4.0
+# A connection kept busy is not reused past this age either: a subscriber's new DNS
+# answer (a move, a failover) reaches the next connection, whose addresses the guard
+# checks again.
+MAX_AGE_SECONDS = 300.0
 
 _Origin = tuple[str, str, int]
 
@@ -70,6 +74,7 @@ class Client:
         pool_limit: int,
         tls: ssl.SSLContext | None = None,
         idle_seconds: float = IDLE_SECONDS,
+        max_age_seconds: float = MAX_AGE_SECONDS,
     ) -> None:
         self._resolve = resolve
         self._connect_timeout = connect_timeout
@@ -77,6 +82,7 @@ class Client:
         self._limit = pool_limit
         self._tls = tls
         self._idle_seconds = idle_seconds
+        self._max_age = max_age_seconds
         # Most recently used last: it is the least likely to have been closed by the server.
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._open = 0
@@ -134,7 +140,7 @@ class Client:
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if connection.usable and now - connection.idle_since < self._idle_seconds:
+            if self._reusable(connection, now):
                 return connection
             self._discard(connection)
         return None
@@ -200,6 +206,13 @@ class Client:
         assert failure is not None
         raise failure
 
+    def _reusable(self, connection: _Connection, now: float) -> bool:
+        return (
+            connection.usable
+            and now - connection.idle_since < self._idle_seconds
+            and now - connection.opened_at < self._max_age
+        )
+
     def _keep(self, connection: _Connection) -> None:
         if self._closed:
             self._discard(connection)
@@ -234,7 +247,7 @@ class Client:
         self._sweep = None
         now = asyncio.get_running_loop().time()
         for origin, idle in list(self._idle.items()):
-            stale = [c for c in idle if not c.usable or now - c.idle_since >= self._idle_seconds]
+            stale = [c for c in idle if not self._reusable(c, now)]
             for connection in stale:
                 idle.remove(connection)
                 self._discard(connection)
@@ -277,6 +290,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, origin: _Origin, max_body: int) -> None:
         self.origin = origin
         self.idle_since = 0.0
+        self.opened_at = asyncio.get_running_loop().time()
         # Whether the client's count of open connections includes this one.
         self.counted = True
         self._max_body = max_body

@@ -303,6 +303,26 @@ async def test_sequential_requests_to_one_origin_share_one_connection(
     assert server.accepted == 1
 
 
+async def test_a_connection_past_its_age_is_not_reused_and_the_name_is_resolved_again() -> None:
+    """A busy subscriber's connection would otherwise live for ever, and a new DNS answer for
+    its name (checked by the guard's resolve) would never be used."""
+    resolved: list[str] = []
+
+    async def counting(host: str, port: int) -> list[str]:
+        resolved.append(host)
+        return ["127.0.0.1"]
+
+    async with raw_server() as server, open_client(resolve=counting, max_age_seconds=0.0) as client:
+        port = yarl.URL(server.url("/")).port
+        first = await call(client, f"http://partner.example:{port}/first")
+        second = await call(client, f"http://partner.example:{port}/second")
+        await server.until(lambda: server.closed_by_client == 1, "the client to close the first")
+
+    assert (first.status, second.status) == (200, 200)
+    assert server.connections() == [0, 1]
+    assert resolved == ["partner.example", "partner.example"]
+
+
 async def test_after_the_server_closes_an_idle_connection_the_next_request_opens_a_new_one(
     client: http_client.Client,
 ) -> None:
