@@ -18,8 +18,10 @@ import contextlib
 import datetime
 import gc
 import ipaddress
+import select
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -998,3 +1000,141 @@ async def test_a_request_in_flight_at_close_gets_its_answer_and_its_connection_t
         await server.until(lambda: server.closed_by_client == 1, "the connection closed")
 
     assert response.status == 200
+
+
+# Found by review: a flood after the head, a server that stops reading, an address that
+# never answers, and a close the event loop has not read yet
+
+
+async def test_trailers_without_end_are_cut_off_at_the_caps_and_the_connection_dropped() -> None:
+    """The parser buffers a trailer whole; counted off the wire, the answer stops at the body
+    cap plus MAX_HEAD_BYTES instead of growing until the deadline (above DEADLINE here)."""
+    hung_up = asyncio.Event()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        writer.write(b"X-Trailer: ")
+        try:
+            while True:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            hung_up.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with open_client(max_response_bytes=4096) as client:
+            response = await call(client, f"http://127.0.0.1:{port}/", timeout=60.0)
+            async with asyncio.timeout(DEADLINE):
+                await hung_up.wait()
+    finally:
+        server.close()
+
+    assert (response.status, response.body) == (200, b"ok")
+    assert "x-trailer" not in response.headers
+
+
+async def test_a_request_the_server_never_reads_is_aborted_not_left_to_drain() -> None:
+    """close() would keep the socket and the unsent body until the server reads them, which a
+    stuck subscriber never does; after the deadline the connection is reset instead."""
+    body = b"x" * (16 << 20)
+    stalled = asyncio.Event()
+    received: list[int] = []
+
+    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stalled.wait()
+        total = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 20):
+                total += len(chunk)
+        received.append(total)
+        writer.close()
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with open_client() as client:
+            with pytest.raises(Failed) as failed:
+                await call(client, f"http://127.0.0.1:{port}/", body=body, timeout=0.5)
+            stalled.set()
+            async with asyncio.timeout(DEADLINE):
+                while not received:  # noqa: ASYNC110 (the server's handler ends on its own)
+                    await asyncio.sleep(0.01)
+    finally:
+        server.close()
+
+    assert failed.value.sent
+    assert received[0] < len(body)
+
+
+async def test_an_address_that_never_answers_is_passed_over_for_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    real_create_connection: Callable[..., Any] = loop.create_connection
+    tried: list[str] = []
+
+    async def create_connection(factory: Any, host: str, *args: Any, **kwargs: Any) -> Any:
+        tried.append(host)
+        if host == "192.0.2.1":
+            await asyncio.Event().wait()  # A host that drops the SYN.
+        return await real_create_connection(factory, host, *args, **kwargs)
+
+    async def two_addresses(host: str, port: int) -> list[str]:
+        return ["192.0.2.1", "127.0.0.1"]
+
+    monkeypatch.setattr(loop, "create_connection", create_connection)
+    async with raw_server() as server:
+        port = yarl.URL(server.url("/")).port
+        async with open_client(resolve=two_addresses, connect_timeout=0.2) as client:
+            response = await call(client, f"http://partner.example:{port}/")
+
+    assert response.status == 200
+    assert tried == ["192.0.2.1", "127.0.0.1"]
+
+
+async def test_an_idle_connection_the_server_closed_is_not_used_before_the_loop_reads_it(
+    client: http_client.Client,
+) -> None:
+    """The close is on the socket, but the event loop has not run since: taking the idle
+    connection then would send into a closed connection and report the request as sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(DEADLINE)
+    close_first, first_closed = threading.Event(), threading.Event()
+    lines: list[bytes] = []
+
+    def serve() -> None:
+        for number in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += connection.recv(65536)
+                lines.append(head.split(b"\r\n", 1)[0])
+                connection.sendall(OK)
+                if number == 0:
+                    close_first.wait(DEADLINE)
+            first_closed.set()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}/"
+    first = await call(client, url)
+    # Without yielding to the event loop: the server closes, and the close reaches the socket.
+    [idle] = client._idle[("http", "127.0.0.1", port)]
+    assert idle._transport is not None
+    descriptor = idle._transport.get_extra_info("socket").fileno()
+    close_first.set()
+    assert first_closed.wait(DEADLINE)
+    assert select.select([descriptor], [], [], DEADLINE)[0] == [descriptor]
+    second = await call(client, url)
+    server.join(DEADLINE)
+    listener.close()
+
+    assert (first.status, second.status) == (200, 200)
+    assert lines == [b"POST / HTTP/1.1", b"POST / HTTP/1.1"]
