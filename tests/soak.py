@@ -69,19 +69,35 @@ class Cluster:
     before the subscriber (which needs the registered id) starts.
     """
 
-    def __init__(self, workdir: Path, publisher_port: int, subscriber_port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        publisher_port: int,
+        subscriber_port: int,
+        http_port: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.publisher_address = f"127.0.0.1:{publisher_port}"
         self.subscriber_address = f"127.0.0.1:{subscriber_port}"
+        # Deliveries over HTTP to the subscriber's receiver on this port, if given.
+        self.http_address = None if http_port is None else f"127.0.0.1:{http_port}"
         self.secret = signing.generate_secret()
         self.subscriber_id = ""
         self.publisher: Process | None = None
         self.subscriber: Process | None = None
 
     async def start_publisher(self) -> None:
+        # The SSRF guard refuses loopback unless allowed.
+        allow = [] if self.http_address is None else ["--allow-cidr", "127.0.0.0/8"]
         self.publisher = Process(
             "publisher",
-            ["--listen", self.publisher_address, "--database-url", "sqlite:///publisher.db"],
+            [
+                "--listen",
+                self.publisher_address,
+                "--database-url",
+                "sqlite:///publisher.db",
+                *allow,
+            ],
             cwd=str(self.workdir),
         )
         serving = await self.publisher.logged("serving")
@@ -98,7 +114,7 @@ class Cluster:
                 "--listen",
                 self.subscriber_address,
                 "--http-listen",
-                "off",
+                self.http_address or "off",
                 "--database-url",
                 "sqlite:///subscriber.db",
                 "--secret",
@@ -119,6 +135,20 @@ class Cluster:
         for process in (self.publisher, self.subscriber):
             if process is not None:
                 await process.stop()
+
+    def registration(self) -> publisher_pb2.RegisterSubscriberRequest:
+        """The soak's subscriber, over gRPC or (with an HTTP address) over HTTP."""
+        request = publisher_pb2.RegisterSubscriberRequest(
+            name="soak",
+            endpoint=self.subscriber_address,
+            secret=self.secret,
+            retry_schedule=[duration(s) for s in RETRY_SCHEDULE],
+        )
+        if self.http_address is not None:
+            request.endpoint = f"http://{self.http_address}/webhooks"
+            request.protocol = publisher_pb2.PROTOCOL_HTTP
+            request.status_url = f"http://{self.http_address}/webhooks/status/{{event_id}}"
+        return request
 
     def inbox(self) -> dict[str, int]:
         """event id -> how many times the subscriber was handed it."""
@@ -156,25 +186,19 @@ async def soak(
     kill_at: Sequence[int] = (),
     subscriber_bounces: bool = True,
     drain_deadline: float = 300.0,
+    http: bool = False,
 ) -> Report:
     if any(mark > events for mark in kill_at):
         # A kill point past the last emit would never come.
         raise ValueError(f"kill_at {list(kill_at)}: every mark must be at most events={events}")
     rng = random.Random(seed)
     report = Report(events=events)
-    cluster = Cluster(workdir, 0, free_port())
+    cluster = Cluster(workdir, 0, free_port(), free_port() if http else None)
     await cluster.start_publisher()
     emitted: dict[str, str] = {}
     try:
         async with publisher_stub(cluster.publisher_address) as stub:
-            registered = await stub.RegisterSubscriber(
-                publisher_pb2.RegisterSubscriberRequest(
-                    name="soak",
-                    endpoint=cluster.subscriber_address,
-                    secret=cluster.secret,
-                    retry_schedule=[duration(s) for s in RETRY_SCHEDULE],
-                )
-            )
+            registered = await stub.RegisterSubscriber(cluster.registration())
             cluster.subscriber_id = registered.subscriber.id
             await cluster.start_subscriber()
 
@@ -324,10 +348,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
     parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between kills")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--http", action="store_true", help="deliver over HTTP, not gRPC")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="webhooks-soak-") as workdir:
         report = asyncio.run(
-            soak(args.events, args.rate, args.kill_every, args.seed, Path(workdir))
+            soak(args.events, args.rate, args.kill_every, args.seed, Path(workdir), http=args.http)
         )
     for name, value in asdict(report).items():
         print(f"{name:>22}: {value}")

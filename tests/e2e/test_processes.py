@@ -185,15 +185,17 @@ async def test_graceful_restart_with_pending_deliveries_loses_nothing(tmp_path: 
     assert set(cluster.inbox().values()) == {1}
 
 
+@pytest.mark.parametrize("http", [False, True], ids=["grpc", "http"])
 @pytest.mark.parametrize("workers", [0, 2])
 async def test_sigkill_soak_delivers_every_event_exactly_once_as_an_effect(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, http: bool
 ) -> None:
     """The short kill soak: 300 events, the publisher SIGKILLed twice mid-stream, sending
-    from its own process and from two delivery workers (which a kill leaves to exit alone)."""
+    from its own process and from two delivery workers (which a kill leaves to exit alone),
+    to the reference subscriber over gRPC and over HTTP."""
     monkeypatch.setenv("WEBHOOKS_DELIVERY_WORKERS", str(workers))
     report = await soak(
-        events=300, rate=100, kill_every=0, kill_at=(100, 200), seed=7, workdir=tmp_path
+        events=300, rate=100, kill_every=0, kill_at=(100, 200), seed=7, workdir=tmp_path, http=http
     )
     assert report.publisher_kills == 2
     assert report.ok, report
