@@ -173,8 +173,9 @@ class Guard:
         """The address ``host`` spells out, checked (Refused if refused); None for a name,
         which ``resolve`` checks when a connection is opened.
 
-        Remembered per host: every delivery to an IP endpoint asks, and parsing
-        and classifying the address was 3% of the publisher's CPU in e2e_http.
+        Remembered per host: every connection opened to an IP endpoint asks, and
+        parsing and classifying the address was 3% of the publisher's CPU in
+        e2e_http when every delivery asked.
         """
         known = self._literals.get(host)
         if known is None:
