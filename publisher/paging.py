@@ -13,6 +13,7 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 from common import errors
 
@@ -21,10 +22,20 @@ FIELD = "page_token"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+class _Row(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
 def token(listing: str, filters: Sequence[str], after: str) -> str:
     """The token of the page after the row whose key is ``after``."""
     text = json.dumps([listing, list(filters), after], separators=(",", ":"))
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def next_token(listing: str, filters: Sequence[str], page: Sequence[_Row], limit: int) -> str:
+    """The token of the page after ``page``; empty when ``page`` was the last (not full)."""
+    return token(listing, filters, page[-1].id) if len(page) == limit else ""
 
 
 def after(value: str, listing: str, filters: Sequence[str]) -> str:

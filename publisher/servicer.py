@@ -88,9 +88,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         found = await self._store.list_subscribers(limit, after)
         return publisher_pb2.ListSubscribersResponse(
             subscribers=[_subscriber(s) for s in found],
-            next_page_token=paging.token("subscribers", (), found[-1].id)
-            if len(found) == limit
-            else "",
+            next_page_token=paging.next_token("subscribers", (), found, limit),
         )
 
     async def UpdateSubscriber(
@@ -207,9 +205,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         found = await self._store.list_deliveries(where, limit, after)
         return publisher_pb2.ListDeliveriesResponse(
             deliveries=[_delivery(d) for d in found],
-            next_page_token=paging.token("deliveries", filters, found[-1].id)
-            if len(found) == limit
-            else "",
+            next_page_token=paging.next_token("deliveries", filters, found, limit),
         )
 
     async def GetDelivery(
