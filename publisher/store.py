@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common import db, errors
 from common.group_commit import GroupCommit
 from publisher import matching, model, statements
+from publisher.ids import new_id
 from publisher.schema import attempts, deliveries, events, subscribers
 from publisher.slots import Grant
 
@@ -72,11 +72,6 @@ SWEEP_PREFIX = "sweep:"
 
 def sweeper_of(owner: str) -> str:
     return SWEEP_PREFIX + owner
-
-
-def new_id(prefix: str) -> str:
-    """``prefix_`` + milliseconds + randomness: unique, and sorted by creation time."""
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ def fill(path: Path, subscriber_id: str, count: int) -> None:
 
 
 def _new_id_sql(prefix: str, number: str) -> str:
-    """SQL for an id of store.new_id's shape: prefix, milliseconds in hex, 20 random hex
+    """SQL for an id of ids.new_id's shape: prefix, milliseconds in hex, 20 random hex
     digits. The ``number``-th row is stamped 1 ms later per 100 rows, so that ids sort in
     the order they were written, as the publisher's do: a backlog of random ids would
     scatter every batch of claims and outcomes across the whole index."""

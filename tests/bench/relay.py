@@ -31,7 +31,7 @@ from common.gen.webhooks.v1 import (
     subscriber_pb2_grpc,
 )
 from publisher import http_client
-from publisher.store import new_id
+from publisher.ids import new_id
 
 from . import runtime
 

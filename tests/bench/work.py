@@ -24,8 +24,9 @@ from typing import Any
 
 from common import db, signing
 from publisher import migrate, model, statements
+from publisher.ids import new_id
 from publisher.slots import Grant
-from publisher.store import AttemptRecord, Store, _new_delivery, new_id
+from publisher.store import AttemptRecord, Store, _new_delivery
 
 from . import runtime
 
