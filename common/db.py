@@ -62,7 +62,10 @@ def create_sqlite_thread_engine(url: str) -> Engine:
     engine = sa_create_engine(
         parsed,
         poolclass=StaticPool,
-        connect_args={"check_same_thread": False},
+        # The hot path's multi-row statements come in one shape per row count (see
+        # publisher.statements.RowsOfValues), more than the default cache of 128 holds;
+        # preparing one again costs more than running it.
+        connect_args={"check_same_thread": False, "cached_statements": 1024},
     )
     _tune_sqlite(engine)
     return engine

@@ -602,22 +602,6 @@ class Store:
 
     async def _write_records(self, batch: list[AttemptRecord]) -> list[None]:
         now = self._now()
-        params = [
-            {
-                "b_delivery_id": record.delivery_id,
-                "b_attempt": record.attempt,
-                "b_owner": record.owner,
-                "b_started_at": record.started_at,
-                "b_duration": record.duration,
-                "b_outcome": record.outcome,
-                "b_status_code": record.status_code,
-                "b_error": record.error,
-                "b_state": record.new_state.value,
-                "b_next": record.next_attempt_at,
-                "b_now": now,
-            }
-            for record in batch
-        ]
         healthy, failing = _health(batch)
 
         disabling = any(record.disable_reason for record in batch)
@@ -634,8 +618,27 @@ class Store:
                 # see the row as the last committed writer left it.
                 ids = sorted({record.delivery_id for record in batch})
                 conn.execute(statements.LOCK_DELIVERIES, {"b_ids": ids})
-            statements.LOG_ATTEMPT.execute(conn, params)
-            statements.SETTLE.execute(conn, params)
+                params = [_outcome_params(record, now) for record in batch]
+                statements.LOG_ATTEMPT.execute(conn, params)
+                statements.SETTLE.execute(conn, params)
+            else:
+                statements.LOG_ATTEMPTS_SQLITE.execute(
+                    conn,
+                    [
+                        (r.delivery_id, r.attempt, r.owner, r.started_at, r.duration,
+                         r.outcome, r.status_code, r.error)
+                        for r in batch
+                    ],
+                )  # fmt: skip
+                statements.SETTLE_ALL_SQLITE.execute(
+                    conn,
+                    [
+                        (r.delivery_id, r.attempt, r.owner, r.new_state.value,
+                         r.next_attempt_at, r.error, r.outcome)
+                        for r in batch
+                    ],
+                    after=(now,),
+                )  # fmt: skip
             if healthy:
                 statements.SUBSCRIBER_HEALTHY.execute(conn, [{"b_id": id_} for id_ in healthy])
             if failing:
@@ -1148,7 +1151,7 @@ def _lease_due(
         _take(due, grant, taken, turned_away, stop_when_turned_away=True)
     finally:
         due.close()
-    statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in taken])
+    _lease(conn, [row[0] for row in taken], lease)
     if turned_away and grant.taken < grant.total:
         # Leased above, the taken ones are no longer due and are not found again here.
         skip = _skipped(grant, turned_away)
@@ -1166,7 +1169,7 @@ def _lease_due(
             ).all()
         also: list[Sequence[Any]] = []
         _take(more, grant, also, turned_away, stop_when_turned_away=False)
-        statements.LEASE_ONE.execute(conn, [{"b_id": row[0], **lease} for row in also])
+        _lease(conn, [row[0] for row in also], lease)
         taken += also
     if not taken:
         return [], frozenset(turned_away)
@@ -1248,6 +1251,19 @@ def expired_events(before: float, limit: int) -> sa.Select[str, int]:
     )
 
 
+def _lease(conn: Connection, ids: list[str], lease: dict[str, Any]) -> None:
+    """Leases the deliveries ``ids`` as ``lease`` (b_now, b_owner, b_lease_until) says."""
+    if not ids:
+        return
+    if conn.dialect.name != "sqlite":
+        statements.LEASE_ONE.execute(conn, [{"b_id": id_, **lease} for id_ in ids])
+        return
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    now = lease["b_now"]
+    values = (now, lease["b_owner"], lease["b_lease_until"], now, json.dumps(ids))
+    cursor.execute(statements.LEASE_MANY_SQLITE, values)
+
+
 def _skipped(grant: Grant, turned_away: Iterable[str]) -> list[str]:
     """The subscribers a claim looks past: full before it, or turned away by it."""
     return sorted(grant.full.union(turned_away))
@@ -1312,6 +1328,23 @@ def _notice_window_open(now: float, window: float) -> sa.ColumnElement[bool]:
         subscribers.c.last_notified_at.is_(None),
         subscribers.c.last_notified_at <= now - window,
     )
+
+
+def _outcome_params(record: AttemptRecord, now: float) -> dict[str, Any]:
+    """LOG_ATTEMPT's and SETTLE's values for ``record``."""
+    return {
+        "b_delivery_id": record.delivery_id,
+        "b_attempt": record.attempt,
+        "b_owner": record.owner,
+        "b_started_at": record.started_at,
+        "b_duration": record.duration,
+        "b_outcome": record.outcome,
+        "b_status_code": record.status_code,
+        "b_error": record.error,
+        "b_state": record.new_state.value,
+        "b_next": record.next_attempt_at,
+        "b_now": now,
+    }
 
 
 def _health(batch: Sequence[AttemptRecord]) -> tuple[set[str], set[str]]:

@@ -77,7 +77,7 @@ def sqlite_us(workdir: Path, payload: bytes) -> float:
             )
         spent = 0.0
         for round_ in range(ROUNDS + 2):
-            events, deliveries, outcomes = _batch(payload)
+            events, deliveries, logs, settles = _batch(payload)
             began = time.process_time()
             with engine.connect() as conn:
                 driver: Any = conn.connection.dbapi_connection
@@ -87,8 +87,8 @@ def sqlite_us(workdir: Path, payload: bytes) -> float:
                     statements.INSERT_DELIVERIES.execute(conn, deliveries)
                 driver.execute("PRAGMA synchronous=NORMAL")
                 with conn.begin():
-                    statements.LOG_ATTEMPT.execute(conn, outcomes)
-                    statements.SETTLE.execute(conn, outcomes)
+                    statements.LOG_ATTEMPTS_SQLITE.execute(conn, logs)
+                    statements.SETTLE_ALL_SQLITE.execute(conn, settles, after=(time.time(),))
             if round_ >= 2:  # The first rounds warm the page cache and compile the SQL.
                 spent += time.process_time() - began
     finally:
@@ -175,7 +175,7 @@ def _delivered(claim: model.Claim, owner: str) -> AttemptRecord:
     )  # fmt: skip
 
 
-def _batch(payload: bytes) -> tuple[list[dict[str, Any]], ...]:
+def _batch(payload: bytes) -> tuple[list[Any], ...]:
     now = time.time()
     events: list[dict[str, Any]] = [
         {
@@ -197,23 +197,11 @@ def _batch(payload: bytes) -> tuple[list[dict[str, Any]], ...]:
             next_attempt_at=now + 25,
         )  # fmt: skip
         deliveries.append(delivery)
-    outcomes = [
-        {
-            "b_delivery_id": delivery["id"],
-            "b_attempt": 1,
-            "b_owner": "work",
-            "b_started_at": now,
-            "b_duration": 0.001,
-            "b_outcome": "delivered",
-            "b_status_code": 0,
-            "b_error": "",
-            "b_state": "delivered",
-            "b_next": now,
-            "b_now": now,
-        }
-        for delivery in deliveries
-    ]
-    return events, deliveries, outcomes
+    # As Store._write_records writes them on SQLite (statements.LOG_ATTEMPTS_SQLITE and
+    # SETTLE_ALL_SQLITE).
+    logs = [(d["id"], 1, "work", now, 0.001, "delivered", 0, "") for d in deliveries]
+    settles = [(d["id"], 1, "work", "delivered", now, "", "delivered") for d in deliveries]
+    return events, deliveries, logs, settles
 
 
 def _cpu_us(call: Any, number: int) -> float:
