@@ -10,6 +10,7 @@ gRPC servers on port 0, on an SQLite file and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -133,3 +134,71 @@ async def test_an_attempt_that_overruns_its_budget_is_cut_off_and_recorded_as_un
     assert attempt.outcome == "uncertain"
     assert "budget" in attempt.error
     assert delivery.state == model.DeliveryState.PENDING
+
+
+def _overrunning_dispatcher(store: Store, transport: Overrunning, owner: str) -> Dispatcher:
+    return Dispatcher(
+        store,
+        {model.Protocol.GRPC: transport, model.Protocol.HTTP: transport},
+        owner=owner,
+        issuer="test",
+        delivery_timeout=DEADLINE,
+        max_in_flight=4,
+        max_in_flight_per_subscriber=4,
+        claim_batch=4,
+    )
+
+
+async def _logged(store: Store, event_id: str) -> model.Delivery | None:
+    (delivery,) = await store.list_deliveries(model.DeliveryFilter(event_id=event_id), 10, "")
+    full = await store.get_delivery(delivery.id)
+    return full if full.log else None
+
+
+async def test_a_send_started_later_is_cut_off_at_its_own_budget(store: Store) -> None:
+    """One timer watches every send's budget: set for the first, it must set itself again
+    for a send that started later and was still within its budget when the first ran out."""
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    overrunning = Overrunning()
+    dispatcher = _overrunning_dispatcher(store, overrunning, "overrun-later")
+    (first,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+    dispatcher.start()
+    try:
+        await eventually(lambda: _set(overrunning.sent), what="the first send")
+        (second,) = await store.emit([model.NewEvent("a.y", b"{}", "application/json", "")])
+        dispatcher.wake()
+        logged = [
+            await eventually(functools.partial(_logged, store, event.event_id), what="its outcome")
+            for event in (first, second)
+        ]
+    finally:
+        await dispatcher.stop(grace=1.0)
+    for delivery in logged:
+        (attempt,) = delivery.log
+        assert (attempt.outcome, delivery.state) == ("uncertain", model.DeliveryState.PENDING)
+        assert "budget" in attempt.error
+
+
+async def test_a_send_cancelled_by_a_stop_is_given_back_not_recorded(store: Store) -> None:
+    """The stop's cancel is not the budget's: the attempt is not written as uncertain, and
+    the delivery is released to be sent again at once."""
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    overrunning = Overrunning()
+    dispatcher = _overrunning_dispatcher(store, overrunning, "overrun-stop")
+    (emitted,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+    dispatcher.start()
+    try:
+        await eventually(lambda: _set(overrunning.sent), what="the send")
+    finally:
+        await dispatcher.stop(grace=0.0)
+    (delivery,) = await store.list_deliveries(
+        model.DeliveryFilter(event_id=emitted.event_id), 10, ""
+    )
+    full = await store.get_delivery(delivery.id)
+    assert full.log == ()
+    assert full.state == model.DeliveryState.PENDING
+    assert await store.claim("next", 10, lease_seconds=60.0)
+
+
+async def _set(flag: asyncio.Event) -> bool:
+    return flag.is_set()
