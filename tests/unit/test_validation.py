@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import fractions
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common import errors, signing
 from common.gen.webhooks.v1 import publisher_pb2
@@ -725,3 +728,41 @@ def test_since_a_shown_time_takes_in_the_time_it_was_shown_for_and_not_one_later
 def test_since_outside_a_timestamps_range_is_rejected(seconds: int, nanos: int) -> None:
     with _invalid("since"):
         validation.since(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+
+
+def _loads_accepts(payload: bytes) -> bool:
+    try:
+        json.loads(payload, parse_int=str)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=64))
+def test_the_json_check_refuses_exactly_the_bytes_json_loads_refuses(payload: bytes) -> None:
+    """The check decodes bytes as json.loads does (its decoder is made once, not per call)."""
+    assert (validation._json_problem(payload) is None) == _loads_accepts(payload)
+
+
+@given(
+    _JSON_VALUES,
+    st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]),
+)
+def test_json_in_any_encoding_json_loads_reads_is_accepted(value: Any, encoding: str) -> None:
+    payload = json.dumps(value, ensure_ascii=False).encode(encoding)
+    assert _loads_accepts(payload)
+    assert validation._json_problem(payload) is None
+
+
+def test_a_refused_content_type_is_refused_every_time() -> None:
+    """Content types are checked once and remembered, refusals included."""
+    for _ in range(3):
+        with _invalid("events[0].content_type"):
+            validation.new_events([_event(content_type="a b/c")], MAX_PAYLOAD)
