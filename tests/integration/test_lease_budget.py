@@ -102,31 +102,12 @@ async def test_an_attempt_that_overruns_its_budget_is_cut_off_and_recorded_as_un
 ) -> None:
     """A transport that ignores its deadline is stopped at the attempt's budget, inside the
     lease, and the outcome is written as uncertain (it may have been sent)."""
-    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
-    (emitted,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
-    overrunning = Overrunning()
-    dispatcher = Dispatcher(
-        store,
-        {model.Protocol.GRPC: overrunning, model.Protocol.HTTP: overrunning},
-        owner="overrun-test",
-        issuer="test",
-        delivery_timeout=DEADLINE,
-        max_in_flight=4,
-        max_in_flight_per_subscriber=4,
-        claim_batch=4,
-    )
-    assert dispatcher.attempt_budget < dispatcher.lease_seconds
-    dispatcher.start()
+    dispatcher, overrunning, event_id = await _started(store, "overrun-test")
     try:
-
-        async def recorded() -> model.Delivery | None:
-            (delivery,) = await store.list_deliveries(
-                model.DeliveryFilter(event_id=emitted.event_id), 10, ""
-            )
-            full = await store.get_delivery(delivery.id)
-            return full if full.log else None
-
-        delivery = await eventually(recorded, what="the overrunning attempt is recorded")
+        delivery = await eventually(
+            functools.partial(_logged, store, event_id),
+            what="the overrunning attempt is recorded",
+        )
     finally:
         await dispatcher.stop(grace=1.0)
     assert overrunning.sent.is_set()
@@ -136,10 +117,15 @@ async def test_an_attempt_that_overruns_its_budget_is_cut_off_and_recorded_as_un
     assert delivery.state == model.DeliveryState.PENDING
 
 
-def _overrunning_dispatcher(store: Store, transport: Overrunning, owner: str) -> Dispatcher:
-    return Dispatcher(
+async def _started(store: Store, owner: str) -> tuple[Dispatcher, Overrunning, str]:
+    """A subscriber, one event for it, and a started dispatcher whose sends overrun their
+    deadline; and that event's id."""
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    (emitted,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
+    overrunning = Overrunning()
+    dispatcher = Dispatcher(
         store,
-        {model.Protocol.GRPC: transport, model.Protocol.HTTP: transport},
+        {model.Protocol.GRPC: overrunning, model.Protocol.HTTP: overrunning},
         owner=owner,
         issuer="test",
         delivery_timeout=DEADLINE,
@@ -147,6 +133,9 @@ def _overrunning_dispatcher(store: Store, transport: Overrunning, owner: str) ->
         max_in_flight_per_subscriber=4,
         claim_batch=4,
     )
+    assert dispatcher.attempt_budget < dispatcher.lease_seconds
+    dispatcher.start()
+    return dispatcher, overrunning, emitted.event_id
 
 
 async def _logged(store: Store, event_id: str) -> model.Delivery | None:
@@ -158,18 +147,14 @@ async def _logged(store: Store, event_id: str) -> model.Delivery | None:
 async def test_a_send_started_later_is_cut_off_at_its_own_budget(store: Store) -> None:
     """One timer watches every send's budget: set for the first, it must set itself again
     for a send that started later and was still within its budget when the first ran out."""
-    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
-    overrunning = Overrunning()
-    dispatcher = _overrunning_dispatcher(store, overrunning, "overrun-later")
-    (first,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
-    dispatcher.start()
+    dispatcher, overrunning, first = await _started(store, "overrun-later")
     try:
         await eventually(lambda: _set(overrunning.sent), what="the first send")
         (second,) = await store.emit([model.NewEvent("a.y", b"{}", "application/json", "")])
         dispatcher.wake()
         logged = [
-            await eventually(functools.partial(_logged, store, event.event_id), what="its outcome")
-            for event in (first, second)
+            await eventually(functools.partial(_logged, store, event_id), what="its outcome")
+            for event_id in (first, second.event_id)
         ]
     finally:
         await dispatcher.stop(grace=1.0)
@@ -182,18 +167,12 @@ async def test_a_send_started_later_is_cut_off_at_its_own_budget(store: Store) -
 async def test_a_send_cancelled_by_a_stop_is_given_back_not_recorded(store: Store) -> None:
     """The stop's cancel is not the budget's: the attempt is not written as uncertain, and
     the delivery is released to be sent again at once."""
-    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
-    overrunning = Overrunning()
-    dispatcher = _overrunning_dispatcher(store, overrunning, "overrun-stop")
-    (emitted,) = await store.emit([model.NewEvent("a.x", b"{}", "application/json", "")])
-    dispatcher.start()
+    dispatcher, overrunning, event_id = await _started(store, "overrun-stop")
     try:
         await eventually(lambda: _set(overrunning.sent), what="the send")
     finally:
         await dispatcher.stop(grace=0.0)
-    (delivery,) = await store.list_deliveries(
-        model.DeliveryFilter(event_id=emitted.event_id), 10, ""
-    )
+    (delivery,) = await store.list_deliveries(model.DeliveryFilter(event_id=event_id), 10, "")
     full = await store.get_delivery(delivery.id)
     assert full.log == ()
     assert full.state == model.DeliveryState.PENDING
