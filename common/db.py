@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from typing import Any
 
 from sqlalchemy import create_engine as sa_create_engine
@@ -51,13 +52,23 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
+# The store's hot path writes outcomes with UPDATE ... FROM, new in SQLite 3.33 (2020), and
+# reads JSON arrays with json_each (publisher/statements.py).
+MIN_SQLITE = (3, 33, 0)
+
+
 def create_sqlite_thread_engine(url: str) -> Engine:
     """A synchronous engine on the same SQLite file, for one dedicated thread.
 
     A transaction run whole on that thread costs one hand-over between threads,
     where the async driver pays one per statement, each waiting for a turn of a
-    busy event loop.
+    busy event loop. Refuses, at start, an SQLite older than the store's SQL needs.
     """
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise RuntimeError(
+            f"this Python's SQLite is {sqlite3.sqlite_version}; the embedded store needs "
+            f"{'.'.join(map(str, MIN_SQLITE))} or newer (or use PostgreSQL)"
+        )
     parsed = make_url(normalize_url(url)).set(drivername="sqlite")
     engine = sa_create_engine(
         parsed,
