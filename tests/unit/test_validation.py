@@ -766,3 +766,15 @@ def test_a_refused_content_type_is_refused_every_time() -> None:
     for _ in range(3):
         with _invalid("events[0].content_type"):
             validation.new_events([_event(content_type="a b/c")], MAX_PAYLOAD)
+
+
+def test_a_long_content_type_is_checked_but_not_remembered() -> None:
+    """The remembered checks hold short strings only: a caller's megabyte of content type
+    is refused and forgotten, and one padded with spaces to a valid type is still checked."""
+    validation._remembered_content_type.cache_clear()
+    with _invalid("content_type"):
+        validation.new_event(_event(content_type="text/" + "a" * 1_000_000), MAX_PAYLOAD)
+    padded = " " * 300 + "text/plain" + " " * 300
+    event = validation.new_event(_event(content_type=padded, payload=b"x"), MAX_PAYLOAD)
+    assert event.content_type == "text/plain"
+    assert validation._remembered_content_type.cache_info().currsize == 0
