@@ -136,7 +136,8 @@ class RowsOfValues:
     winning it back from a busy event loop costs the store's thread far more
     than the step: executemany steps a statement once per row (and resets it
     once more). Written as one statement over VALUES, LOG_ATTEMPT and SETTLE
-    cut the record transactions' CPU in e2e_http by about a third.
+    took the record transactions of an e2e_http run from 298-348 to 207-269 ms
+    of CPU (6,000 events, three pairs).
 
     ``sql`` holds ``{rows}`` where the VALUES rows go; each row has ``width``
     values, and ``after`` are the statement's positional values that follow them.

@@ -622,6 +622,7 @@ class Store:
                 statements.LOG_ATTEMPT.execute(conn, params)
                 statements.SETTLE.execute(conn, params)
             else:
+                # SQLite: one statement of each per 100 outcomes (statements.RowsOfValues).
                 statements.LOG_ATTEMPTS_SQLITE.execute(
                     conn,
                     [
