@@ -43,10 +43,10 @@ class Prepared:
         # Compiled for SQLite on first use, per set of keys given (an insert's columns):
         # the SQL, its parameters' names in order, and the values fixed in the statement.
         self._sqlite: dict[tuple[str, ...], tuple[str, list[str], dict[str, Any]]] = {}
-        # A plain INSERT ... VALUES runs as one statement per ROWS_PER_INSERT rows (see
-        # execute); its SQL for a number of rows, by (keys, rows).
+        # A plain INSERT ... VALUES runs as one statement per ROWS_PER_INSERT rows, as
+        # RowsOfValues; by the keys given.
         self._values = isinstance(statement, sa.Insert) and statement.select is None
-        self._multi: dict[tuple[tuple[str, ...], int], str] = {}
+        self._multi: dict[tuple[str, ...], RowsOfValues] = {}
 
     def _compiled(
         self, conn: Connection, keys: tuple[str, ...]
@@ -84,22 +84,13 @@ class Prepared:
         if not self._values or len(rows) == 1:
             cursor.executemany(sql, values)
             return
-        # sqlite3 lets go of the interpreter lock for every row it steps, and each time
-        # it must win it back from a busy event loop; many rows in one statement step
-        # once (see ROWS_PER_INSERT).
-        for start in range(0, len(values), ROWS_PER_INSERT):
-            chunk = values[start : start + ROWS_PER_INSERT]
-            cursor.execute(
-                self._many_rows(sql, keys, len(chunk)), list(itertools.chain.from_iterable(chunk))
-            )
-
-    def _many_rows(self, sql: str, keys: tuple[str, ...], count: int) -> str:
-        """``sql``, an INSERT of one row of values, made to insert ``count`` rows."""
-        found = self._multi.get((keys, count))
-        if found is None:
+        many = self._multi.get(keys)
+        if many is None:
+            # ``sql`` inserts one row of values: the same with {rows} in their place.
             head, _, row = sql.rpartition(" VALUES ")
-            found = self._multi[(keys, count)] = f"{head} VALUES {', '.join([row] * count)}"
-        return found
+            escaped = head.replace("{", "{{").replace("}", "}}")
+            many = self._multi[keys] = RowsOfValues(f"{escaped} VALUES {{rows}}", row)
+        many.execute(conn, values)
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> Generator[Sequence[Any]]:
         """The rows of one run of a query, as tuples in the order of its columns.
@@ -137,15 +128,17 @@ class RowsOfValues:
     than the step: executemany steps a statement once per row (and resets it
     once more). Written as one statement over VALUES, LOG_ATTEMPT and SETTLE
     took the record transactions of an e2e_http run from 298-348 to 207-269 ms
-    of CPU (6,000 events, three pairs).
+    of CPU (6,000 events, three pairs). Prepared's plain inserts run through it
+    too.
 
-    ``sql`` holds ``{rows}`` where the VALUES rows go; each row has ``width``
-    values, and ``after`` are the statement's positional values that follow them.
+    ``sql`` holds ``{rows}`` where the VALUES rows go, each written as ``row``
+    (``placeholders(n)`` for n values), and ``after`` are the statement's
+    positional values that follow them.
     """
 
-    def __init__(self, sql: str, width: int) -> None:
+    def __init__(self, sql: str, row: str) -> None:
         self._sql = sql
-        self._row = f"({', '.join(['?'] * width)})"
+        self._row = row
         # By number of rows: a batch's last chunk is shorter.
         self._by_count: dict[int, str] = {}
 
@@ -162,6 +155,11 @@ class RowsOfValues:
         if found is None:
             found = self._by_count[count] = self._sql.format(rows=", ".join([self._row] * count))
         return found
+
+
+def placeholders(count: int) -> str:
+    """One row of ``count`` positional values, for RowsOfValues."""
+    return f"({', '.join(['?'] * count)})"
 
 
 _PENDING = model.DeliveryState.PENDING.value
@@ -420,7 +418,7 @@ SELECT b.delivery_id, b.attempt, b.started_at, b.duration, b.outcome, b.status_c
 FROM b, deliveries AS d
 WHERE d.id = b.delivery_id AND d.attempts = b.attempt AND d.lease_owner = b.owner
 """,
-    width=8,
+    placeholders(8),
 )
 SETTLE_ALL_SQLITE = RowsOfValues(
     f"""
@@ -434,7 +432,7 @@ FROM b
 WHERE deliveries.id = b.delivery_id AND deliveries.attempts = b.attempt
   AND deliveries.lease_owner = b.owner
 """,
-    width=7,
+    placeholders(7),
 )
 
 # A subscriber that just succeeded (b_id) is no longer failing; one that only failed
