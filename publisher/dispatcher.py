@@ -191,9 +191,11 @@ class Dispatcher:
                 self._slots.settle(grant)
             for claim in claims:
                 self._start(claim)
-            # A subscriber turned away for want of room that is not full now had sends
-            # finish during the claim: its due deliveries can be claimed at once. One that
-            # is full makes the loop claim when it drains (see _finished).
+            for subscriber_id in turned_away:
+                self._slots.turned_away(subscriber_id)
+            # A subscriber turned away for want of room that is not full now had half its
+            # sends finish during the claim: its due deliveries can be claimed at once. One
+            # that is full makes the loop claim when it drains (see _finished).
             if len(claims) == wanted or any(not self._slots.is_full(s) for s in turned_away):
                 self._maybe_due = True
                 continue

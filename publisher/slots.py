@@ -7,9 +7,10 @@ them. So each subscriber may hold at most ``per_subscriber`` slots of this
 process, and the rest stay free for the others. A subscriber may ask for fewer
 (its own ``max_in_flight``, for an endpoint that cannot take many at once).
 
-A subscriber that reached its limit counts as full until half of its sends
-have finished: only then does the dispatcher claim for it, as a claim for one
-freed slot would be a transaction for one row. Meanwhile claims look for the
+A subscriber that reached its limit, or that a claim turned away for want of
+room, counts as full until half of its sends have finished: only then does the
+dispatcher claim for it, as a claim for one freed slot would be a transaction
+for one row. Meanwhile claims look for the
 others' deliveries past its backlog, and top it up to its limit only from the
 oldest due ones they read anyway.
 
@@ -127,6 +128,20 @@ class Slots:
         self._busy[subscriber_id] += 1
         self._in_flight += 1
         if self._busy[subscriber_id] >= limit:
+            self._full.add(subscriber_id)
+
+    def turned_away(self, subscriber_id: str) -> None:
+        """A claim found more of ``subscriber_id``'s deliveries due than it had room for.
+
+        It counts as full, unless half of its slots are free by now. Sends that
+        finish while a claim runs leave it short of its limit once the claim's
+        leases start, so it would never reach full, and every claim would top it
+        up by just the sends that finished during the one before: in
+        e2e_grpc_batch, 155 claims of 39 rows each for 6,000 events, against 35-39
+        of about 125 once it counts as full.
+        """
+        limit = self._limits.get(subscriber_id)
+        if limit is not None and self._busy[subscriber_id] > limit // 2:
             self._full.add(subscriber_id)
 
     def release(self, subscriber_id: str) -> bool:

@@ -21,6 +21,20 @@ def test_a_subscriber_is_full_at_its_limit_until_half_of_its_sends_finish() -> N
     assert slots.busy("a") == 2
 
 
+def test_a_subscriber_a_claim_turned_away_is_full_until_half_of_its_sends_finish() -> None:
+    slots = Slots(total=10, per_subscriber=4)
+    for _ in range(3):
+        slots.acquire("a")  # Short of its limit: a send finished while the claim ran.
+    assert not slots.is_full("a")
+    slots.turned_away("a")
+    assert slots.is_full("a")
+    assert slots.release("a")  # 2 left, half its limit.
+    slots.turned_away("a")  # Half its slots are free: the next claim is worth it.
+    assert not slots.is_full("a")
+    slots.turned_away("idle")  # Nothing in flight: every slot is free.
+    assert not slots.is_full("idle")
+
+
 def test_a_grant_caps_each_subscriber_at_its_limit() -> None:
     slots = Slots(total=10, per_subscriber=3)
     for _ in range(3):

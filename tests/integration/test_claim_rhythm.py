@@ -1,0 +1,119 @@
+"""A subscriber at its limit is claimed for once half its sends finish, not a few at a time.
+
+Sends that finish while a claim runs leave the subscriber short of its limit once the
+claim's leases start. If that let the dispatcher claim again at once, each claim would
+take only what finished during the one before: under load, a transaction for a few rows
+after another. The store is real (an SQLite file, and PostgreSQL); the transport holds
+every send until the test lets it finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from common import signing
+from publisher import model
+from publisher import transport as tx
+from publisher.dispatcher import Dispatcher
+from publisher.slots import Grant
+from publisher.store import ClaimRound, Store
+from tests.support import eventually, store_subscriber_spec
+
+LIMIT = 4
+
+
+class Held:
+    """A transport whose sends wait until ``finish`` lets them end, oldest first."""
+
+    def __init__(self) -> None:
+        self._sends: list[tuple[asyncio.Future[None], asyncio.Task[Any]]] = []
+
+    async def send(self, attempt: tx.Attempt) -> tx.Result:
+        released = asyncio.get_running_loop().create_future()
+        task = asyncio.current_task()
+        assert task is not None
+        self._sends.append((released, task))
+        await released
+        return tx.Result(tx.Outcome.DELIVERED)
+
+    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
+        return tx.Receipt.UNANSWERED
+
+    async def close(self) -> None:
+        return None
+
+    def in_flight(self) -> int:
+        return sum(not released.done() for released, _ in self._sends)
+
+    async def finish(self, count: int) -> None:
+        """Ends the ``count`` oldest sends and waits for their deliveries to end.
+
+        The dispatcher frees a send's slot in a callback its delivery task had before
+        this one waits for it, so the slot is free when this returns.
+        """
+        held = [(released, task) for released, task in self._sends if not released.done()]
+        for released, task in held[:count]:
+            released.set_result(None)
+            await task
+
+
+async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "") for _ in range(20)])
+    held = Held()
+    claimed: list[int] = []
+    finish_during_next_claim = 0
+    real_claim_round = store.claim_round
+
+    async def claim_round(owner: str, grant: Grant, lease_seconds: float) -> ClaimRound:
+        nonlocal finish_during_next_claim
+        # Sends that end after the grant was counted and before the leases start.
+        await held.finish(finish_during_next_claim)
+        finish_during_next_claim = 0
+        found = await real_claim_round(owner, grant, lease_seconds)
+        claimed.append(len(found.claims))
+        return found
+
+    monkeypatch.setattr(store, "claim_round", claim_round)
+    dispatcher = Dispatcher(
+        store,
+        {model.Protocol.GRPC: held, model.Protocol.HTTP: held},
+        owner="rhythm",
+        issuer="test",
+        delivery_timeout=30.0,
+        max_in_flight=2 * LIMIT,
+        max_in_flight_per_subscriber=LIMIT,
+        claim_batch=2 * LIMIT,
+    )
+    dispatcher.start()
+    try:
+        await eventually(
+            lambda: _settled(held, claimed, [4], in_flight=4), what="the subscriber at its limit"
+        )
+        # Two of four sends end: half its slots are free, and the dispatcher claims two.
+        # One more ends during that claim, so its leases leave the subscriber at three of
+        # four; it counts as full all the same, for a claim now would take one row.
+        finish_during_next_claim = 1
+        await held.finish(2)
+        await eventually(
+            lambda: _settled(held, claimed, [4, 2], in_flight=3), what="the claim of two"
+        )
+        # The next send to end leaves half its slots free: only now is it claimed for.
+        await held.finish(1)
+        await eventually(
+            lambda: _settled(held, claimed, [4, 2, 2], in_flight=4),
+            what="a claim of two once half its sends finished",
+        )
+    finally:
+        await dispatcher.stop(grace=0.0)
+
+
+async def _settled(held: Held, claimed: list[int], expected: list[int], *, in_flight: int) -> bool:
+    # Claimed past what was expected already fails: those claims cannot be taken back.
+    assert claimed == expected[: len(claimed)], claimed
+    return claimed == expected and held.in_flight() == in_flight
