@@ -30,15 +30,27 @@ class GroupCommit(Generic[T, R]):
     raises, nothing of the batch was written. A submission is never split
     across batches, so it is written all-or-nothing too.
 
+    ``linger`` is how long the writer waits, once a submission arrives, for more
+    to share its write: for writes that nobody waits on (attempt outcomes), which
+    are cheaper in fewer, larger transactions. Without it, a writer that is idle
+    writes each submission at once.
+
     If a batch of several submissions fails, each is written again on its own,
     so that one bad submission fails alone instead of taking with it those that
     merely shared its transaction; a failure that is not theirs (the database
     is down) then reaches every one of them.
     """
 
-    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], max_items: int) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[T]], Awaitable[list[R]]],
+        max_items: int,
+        *,
+        linger: float = 0.0,
+    ) -> None:
         self._write = write
         self._max_items = max_items
+        self._linger = linger
         self._queue: asyncio.Queue[tuple[Sequence[T], asyncio.Future[list[R]]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
@@ -68,6 +80,8 @@ class GroupCommit(Generic[T, R]):
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._linger:
+                await asyncio.sleep(self._linger)
             count = len(batch[0][0])
             while count < self._max_items and not self._queue.empty():
                 batch.append(self._queue.get_nowait())

@@ -102,6 +102,26 @@ async def test_each_caller_gets_exactly_its_own_results_in_order() -> None:
     assert results == [[item * 10 for item in items] for items in submissions]
 
 
+async def test_a_lingering_writer_lets_a_later_submission_share_the_write() -> None:
+    """With a linger, a submission made after the writer took the first one still goes in
+    the same write; without one, the idle writer wrote the first alone at once."""
+    calls: list[list[int]] = []
+
+    async def write(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return items
+
+    # Far longer than the one loop step between the two submissions.
+    group = GroupCommit(write, 10, linger=0.5)
+    async with asyncio.timeout(TIMEOUT):
+        first = group.enqueue([1])
+        await asyncio.sleep(0)  # The writer's first step: it takes [1], then lingers.
+        second = group.enqueue([2])
+        assert await asyncio.gather(first, second) == [[1], [2]]
+        await group.close()
+    assert calls == [[1, 2]]
+
+
 async def test_empty_submission_returns_nothing_without_writing() -> None:
     """Submitting no items answers [] and does not call write."""
     writer = GatedWriter()
