@@ -1,15 +1,18 @@
-"""A subscriber at its limit is claimed for once half its sends finish, not a few at a time.
+"""The dispatcher's work reaches the store in batches, not a row at a time.
 
-Sends that finish while a claim runs leave the subscriber short of its limit once the
-claim's leases start. If that let the dispatcher claim again at once, each claim would
-take only what finished during the one before: under load, a transaction for a few rows
-after another. The store is real (an SQLite file, and PostgreSQL); the transport holds
-every send until the test lets it finish.
+A subscriber at its limit is claimed for once half its sends finish. Sends that finish
+while a claim runs leave it short of its limit once the claim's leases start; if that let
+the dispatcher claim again at once, each claim would take only what finished during the
+one before: under load, a transaction for a few rows after another. And the outcomes of
+sends that end in one turn of the event loop go to the store in one submission. The store
+is real (an SQLite file, and PostgreSQL); the transport holds every send until the test
+lets it finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +22,7 @@ from publisher import model
 from publisher import transport as tx
 from publisher.dispatcher import Dispatcher
 from publisher.slots import Grant
-from publisher.store import ClaimRound, Store
+from publisher.store import AttemptRecord, ClaimRound, Store
 from tests.support import eventually, store_subscriber_spec
 
 LIMIT = 4
@@ -48,16 +51,20 @@ class Held:
     def in_flight(self) -> int:
         return sum(not released.done() for released, _ in self._sends)
 
-    async def finish(self, count: int) -> None:
-        """Ends the ``count`` oldest sends and waits for their deliveries to end.
+    async def finish(self, count: int, *, together: bool = False) -> None:
+        """Ends the ``count`` oldest sends and waits for their deliveries to end: one by
+        one, or ``together`` in the same turn of the event loop.
 
         The dispatcher frees a send's slot in a callback its delivery task had before
         this one waits for it, so the slot is free when this returns.
         """
         held = [(released, task) for released, task in self._sends if not released.done()]
-        for released, task in held[:count]:
+        ending = held[:count]
+        for released, task in ending:
             released.set_result(None)
-            await task
+            if not together:
+                await task
+        await asyncio.gather(*(task for _, task in ending))
 
 
 async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
@@ -80,17 +87,7 @@ async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
         return found
 
     monkeypatch.setattr(store, "claim_round", claim_round)
-    dispatcher = Dispatcher(
-        store,
-        {model.Protocol.GRPC: held, model.Protocol.HTTP: held},
-        owner="rhythm",
-        issuer="test",
-        delivery_timeout=30.0,
-        max_in_flight=2 * LIMIT,
-        max_in_flight_per_subscriber=LIMIT,
-        claim_batch=2 * LIMIT,
-    )
-    dispatcher.start()
+    dispatcher = _started(store, held)
     try:
         await eventually(
             lambda: _settled(held, claimed, [4], in_flight=4), what="the subscriber at its limit"
@@ -111,6 +108,58 @@ async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
         )
     finally:
         await dispatcher.stop(grace=0.0)
+
+
+async def test_the_outcomes_of_sends_that_end_together_go_to_the_store_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "") for _ in range(4)])
+    held = Held()
+    handed_over: list[int] = []
+    real_record_soon = store.record_soon
+
+    def record_soon(outcomes: Sequence[AttemptRecord]) -> asyncio.Future[list[None]]:
+        handed_over.append(len(outcomes))
+        return real_record_soon(outcomes)
+
+    monkeypatch.setattr(store, "record_soon", record_soon)
+    dispatcher = _started(store, held)
+    try:
+        await eventually(lambda: _in_flight(held, 4), what="four sends")
+        await held.finish(3, together=True)
+        await held.finish(1)
+        delivered = model.DeliveryFilter(state=model.DeliveryState.DELIVERED)
+        await eventually(
+            lambda: _count(store.list_deliveries(delivered, 10, ""), 4), what="all recorded"
+        )
+    finally:
+        await dispatcher.stop(grace=0.0)
+    # One submission per outcome would be [1, 1, 1, 1].
+    assert handed_over == [3, 1]
+
+
+def _started(store: Store, held: Held) -> Dispatcher:
+    dispatcher = Dispatcher(
+        store,
+        {model.Protocol.GRPC: held, model.Protocol.HTTP: held},
+        owner="batches",
+        issuer="test",
+        delivery_timeout=30.0,
+        max_in_flight=2 * LIMIT,
+        max_in_flight_per_subscriber=LIMIT,
+        claim_batch=2 * LIMIT,
+    )
+    dispatcher.start()
+    return dispatcher
+
+
+async def _in_flight(held: Held, count: int) -> bool:
+    return held.in_flight() == count
+
+
+async def _count(listing: Awaitable[list[model.Delivery]], count: int) -> bool:
+    return len(await listing) == count
 
 
 async def _settled(held: Held, claimed: list[int], expected: list[int], *, in_flight: int) -> bool:
