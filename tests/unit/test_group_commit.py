@@ -117,7 +117,7 @@ async def test_a_lingering_writer_lets_a_later_submission_share_the_write() -> N
         first = group.enqueue([1])
         await asyncio.sleep(0)  # The writer's first step: it takes [1], then lingers.
         second = group.enqueue([2])
-        assert await asyncio.gather(first, second) == ([1], [2])
+        assert list(await asyncio.gather(first, second)) == [[1], [2]]
         await group.close()
     assert calls == [[1, 2]]
 
