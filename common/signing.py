@@ -19,6 +19,7 @@ import secrets
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import jwt
@@ -88,17 +89,21 @@ def sign_delivery(
     payload: bytes,
     now: float,
 ) -> str:
-    """A short-lived HS256 token that binds one attempt and its exact payload."""
-    claims = {
-        "iss": issuer,
-        "aud": audience,
-        **_lifetime(now),
-        "event_id": event_id,
-        "event_type": event_type,
-        "attempt": attempt,
-        "body_sha256": body_sha256(payload),
-    }
-    return _encode(claims, key)
+    """A short-lived HS256 token that binds one attempt and its exact payload.
+
+    Its claims are written out as JSON here, where the status token's go through
+    a dict and the encoder: this one is signed for every attempt, and the dict and
+    its encoding cost 3.0 µs against 0.6, a quarter of signing. Strings are escaped
+    by the json module's own function, so the text is what json.dumps would write.
+    """
+    issued = int(now)
+    claims = (
+        f'{{"iss":{_json_string(issuer)},"aud":{_json_string(audience)},'
+        f'"iat":{issued},"exp":{issued + JWT_LIFETIME_SECONDS},"jti":"{_next_jti()}",'
+        f'"event_id":{_json_string(event_id)},"event_type":{_json_string(event_type)},'
+        f'"attempt":{attempt:d},"body_sha256":"{body_sha256(payload)}"}}'
+    )
+    return _sign(claims, key)
 
 
 def _lifetime(now: float) -> dict[str, Any]:
@@ -123,13 +128,20 @@ def _encode(claims: Mapping[str, Any], key: bytes) -> str:
     Encoded here rather than by PyJWT: it runs once per delivery attempt, and
     this costs a third as much. Tests verify the result with PyJWT.
     """
-    signed = f"{_JWT_HEADER}.{_base64url(_compact_json(claims).encode())}"
+    return _sign(_compact_json(claims), key)
+
+
+def _sign(claims: str, key: bytes) -> str:
+    """The HS256 JWS compact form of the JSON text ``claims``."""
+    signed = f"{_JWT_HEADER}.{_base64url(claims.encode())}"
     signature = hmac.digest(key, signed.encode(), "sha256")
     return f"{signed}.{_base64url(signature)}"
 
 
 # One encoder, made once: json.dumps with separators builds a new one per call.
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
+# A str as a JSON string literal, ASCII only (json.dumps's default).
+_json_string = encode_basestring_ascii
 
 
 def _base64url(data: bytes) -> str:

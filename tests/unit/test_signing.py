@@ -14,6 +14,8 @@ from typing import Any
 
 import jwt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from common import errors, signing
@@ -128,6 +130,44 @@ def test_delivery_token_verifies_with_plain_pyjwt(key: bytes) -> None:
     assert claims["iat"] == int(now)
     assert claims["exp"] == int(now) + signing.JWT_LIFETIME_SECONDS
     assert claims["jti"]
+
+
+@given(
+    issuer=st.text(),
+    audience=st.text(),
+    event_id=st.text(),
+    event_type=st.text(),
+    attempt=st.integers(min_value=0, max_value=2**62),
+)
+def test_delivery_token_claims_are_the_json_of_any_values(
+    issuer: str, audience: str, event_id: str, event_type: str, attempt: int
+) -> None:
+    """The claims, written out by hand, are exactly json.dumps's text for any strings
+    (quotes, backslashes, control and non-ASCII characters), and PyJWT reads them back."""
+    key = b"k" * 32
+    token = signing.sign_delivery(
+        key,
+        issuer=issuer,
+        audience=audience,
+        event_id=event_id,
+        event_type=event_type,
+        attempt=attempt,
+        payload=PAYLOAD,
+        now=time.time(),
+    )
+    segment = token.split(".")[1]
+    text = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode("ascii")
+    claims = json.loads(text)
+    assert text == json.dumps(claims, separators=(",", ":"))
+    assert {k: claims[k] for k in ("iss", "aud", "event_id", "event_type", "attempt")} == {
+        "iss": issuer,
+        "aud": audience,
+        "event_id": event_id,
+        "event_type": event_type,
+        "attempt": attempt,
+    }
+    decoded = jwt.decode(token, key, algorithms=["HS256"], options={"verify_aud": False})
+    assert decoded == claims
 
 
 def test_delivery_token_binds_the_payload_hash(key: bytes) -> None:
