@@ -70,9 +70,7 @@ class Held:
 async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
-    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "") for _ in range(20)])
-    held = Held()
+    held = await _due_to_one_subscriber(store, 20)
     claimed: list[int] = []
     finish_during_next_claim = 0
     real_claim_round = store.claim_round
@@ -113,9 +111,7 @@ async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(
 async def test_the_outcomes_of_sends_that_end_together_go_to_the_store_together(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
-    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "") for _ in range(4)])
-    held = Held()
+    held = await _due_to_one_subscriber(store, 4)
     handed_over: list[int] = []
     real_record_soon = store.record_soon
 
@@ -137,6 +133,13 @@ async def test_the_outcomes_of_sends_that_end_together_go_to_the_store_together(
         await dispatcher.stop(grace=0.0)
     # One submission per outcome would be [1, 1, 1, 1].
     assert handed_over == [3, 1]
+
+
+async def _due_to_one_subscriber(store: Store, count: int) -> Held:
+    """``count`` deliveries due to one subscriber; the transport that will hold their sends."""
+    await store.create_subscriber(store_subscriber_spec("a", "a.*"), signing.generate_secret())
+    await store.emit([model.NewEvent("a.x", b"{}", "application/json", "") for _ in range(count)])
+    return Held()
 
 
 def _started(store: Store, held: Held) -> Dispatcher:
