@@ -10,9 +10,8 @@ process, and the rest stay free for the others. A subscriber may ask for fewer
 A subscriber that reached its limit, or that a claim turned away for want of
 room, counts as full until half of its sends have finished: only then does the
 dispatcher claim for it, as a claim for one freed slot would be a transaction
-for one row. Meanwhile claims look for the
-others' deliveries past its backlog, and top it up to its limit only from the
-oldest due ones they read anyway.
+for one row. Meanwhile claims look for the others' deliveries past its backlog,
+and top it up to its limit only from the oldest due ones they read anyway.
 
 ``Grant`` is what one claim or emit transaction may lease: a copy of the
 counts, taken on the event loop and read in the store's thread.
