@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from common import signing
+from publisher import dispatcher as dispatcher_module
 from publisher import model
 from publisher import transport as tx
 from publisher.dispatcher import Dispatcher
@@ -26,6 +27,14 @@ from publisher.store import AttemptRecord, ClaimRound, Store
 from tests.support import eventually, store_subscriber_spec
 
 LIMIT = 4
+
+
+@pytest.fixture(autouse=True)
+def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher claims only when a finished send wakes it: its idle poll, a claim a
+    second after the last, would top the subscriber up on a slow run and shift the claims
+    these tests count."""
+    monkeypatch.setattr(dispatcher_module, "IDLE_POLL_SECONDS", 3600.0)
 
 
 class Held:
