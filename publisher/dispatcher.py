@@ -88,7 +88,8 @@ class Dispatcher:
         # its end (see _hand_over).
         self._outcomes: list[AttemptRecord] = []
         # Hand-overs to the store not yet committed, each with its number of outcomes, and
-        # those numbers' sum; bounded for back-pressure.
+        # those numbers' sum (kept, as _room reads it after every send); bounded for
+        # back-pressure.
         self._unrecorded: dict[asyncio.Future[list[None]], int] = {}
         self._unrecorded_count = 0
         self._stopping = False
