@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import secrets
@@ -13,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
-from publisher import mailer, migrate, model, ssrf, transport_worker
+from publisher import collector, mailer, migrate, model, ssrf, transport_worker
 from publisher import worker_wire as wire
 from publisher.dispatcher import Dispatcher
 from publisher.notifier import Notifier
@@ -197,9 +196,7 @@ class PublisherApp:
 
     async def run(self) -> None:
         await self.start()
-        # What starting made lives as long as the process: the collector need not walk it
-        # again in every full collection (each such walk is a pause of the event loop).
-        gc.freeze()
+        collector.settle(self.settings.max_in_flight)
         try:
             await grpc_server.wait_for_stop_signal()
         finally:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
 import time
 
 from common import log
-from publisher import model, ssrf
+from publisher import collector, model, ssrf
 from publisher import transport as tx
 from publisher import worker_wire as wire
 from publisher.grpc_transport import GrpcTransport
@@ -56,8 +55,8 @@ async def serve(read_fd: int, write_fd: int) -> None:
     running = {protocol.value: transport for protocol, transport in transports(options).items()}
     pipe.write(wire.frame(wire.READY))
     requests = _Requests(running, wire.Outbox(pipe))
-    # What starting made lives as long as the process (see PublisherApp.run).
-    gc.freeze()
+    # Its attempts in flight are at most the publisher's (see publisher.collector).
+    collector.settle(options.pool_limit)
     try:
         while True:
             try:
