@@ -31,9 +31,11 @@ class GroupCommit(Generic[T, R]):
     across batches, so it is written all-or-nothing too.
 
     ``linger`` is how long the writer waits, once a submission arrives, for more
-    to share its write: for writes that nobody waits on (attempt outcomes), which
-    are cheaper in fewer, larger transactions. Without it, a writer that is idle
-    writes each submission at once.
+    to share its write: writes are cheaper in fewer, larger transactions. Without
+    it, a writer that is idle writes each submission at once. With
+    ``linger_when_idle=False`` it waits only while callers come faster than it
+    writes (submissions were waiting when its last write ended): a lone caller
+    at low load is written at once, as nobody else is coming to share its write.
 
     If a batch of several submissions fails, each is written again on its own,
     so that one bad submission fails alone instead of taking with it those that
@@ -47,10 +49,12 @@ class GroupCommit(Generic[T, R]):
         max_items: int,
         *,
         linger: float = 0.0,
+        linger_when_idle: bool = True,
     ) -> None:
         self._write = write
         self._max_items = max_items
         self._linger = linger
+        self._linger_when_idle = linger_when_idle
         self._queue: asyncio.Queue[tuple[Sequence[T], asyncio.Future[list[R]]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
@@ -78,9 +82,10 @@ class GroupCommit(Generic[T, R]):
             self._worker = None
 
     async def _run(self) -> None:
+        busy = False
         while True:
             batch = [await self._queue.get()]
-            if self._linger:
+            if self._linger and (busy or self._linger_when_idle):
                 await asyncio.sleep(self._linger)
             count = len(batch[0][0])
             while count < self._max_items and not self._queue.empty():
@@ -91,6 +96,8 @@ class GroupCommit(Generic[T, R]):
             finally:
                 for _ in batch:
                     self._queue.task_done()
+            # Submissions came in while that write ran: the next one is worth waiting for.
+            busy = not self._queue.empty()
 
     async def _flush(self, batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
         items = [item for submitted, _ in batch for item in submitted]

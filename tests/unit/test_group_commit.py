@@ -122,6 +122,45 @@ async def test_a_lingering_writer_lets_a_later_submission_share_the_write() -> N
     assert calls == [[1, 2]]
 
 
+async def test_a_writer_lingering_only_when_busy_writes_a_lone_submission_at_once() -> None:
+    """Nothing was waiting when its last write ended: the next submission is written without
+    the linger (an hour here, which would outlast the test's timeout), and so is one made a
+    loop step after it."""
+    calls: list[list[int]] = []
+
+    async def write(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return items
+
+    group = GroupCommit(write, 10, linger=3600.0, linger_when_idle=False)
+    async with asyncio.timeout(TIMEOUT):
+        first = group.enqueue([1])
+        await asyncio.sleep(0)  # The writer's first step: it takes [1] and writes it.
+        second = group.enqueue([2])
+        assert list(await asyncio.gather(first, second)) == [[1], [2]]
+        await group.close()
+    assert calls == [[1], [2]]
+
+
+async def test_a_writer_lingering_only_when_busy_lingers_after_a_busy_write() -> None:
+    """[2] queued while [1] was being written, so the writer lingers once it takes [2], and
+    [3], made after that, shares its write; without the linger [2] went alone."""
+    writer = GatedWriter()
+    # Far longer than the loop steps between taking [2] and submitting [3].
+    group = GroupCommit(writer, 10, linger=0.5, linger_when_idle=False)
+    async with asyncio.timeout(TIMEOUT):
+        first = group.enqueue([1])
+        await writer.first_started.wait()  # Written at once: the writer was idle.
+        second = group.enqueue([2])
+        writer.release.set()
+        # Its writer set this result, then took [2] and began to linger, in one step.
+        assert await first == [10]
+        third = group.enqueue([3])
+        assert list(await asyncio.gather(second, third)) == [[20], [30]]
+        await group.close()
+    assert writer.calls == [[1], [2, 3]]
+
+
 async def test_empty_submission_returns_nothing_without_writing() -> None:
     """Submitting no items answers [] and does not call write."""
     writer = GatedWriter()
