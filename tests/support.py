@@ -280,6 +280,45 @@ class Process:
         return code
 
 
+class Held:
+    """A transport whose sends wait until ``finish`` lets them end, oldest first."""
+
+    def __init__(self) -> None:
+        self._sends: list[tuple[asyncio.Future[None], asyncio.Task[Any]]] = []
+
+    async def send(self, attempt: tx.Attempt) -> tx.Result:
+        released = asyncio.get_running_loop().create_future()
+        task = asyncio.current_task()
+        assert task is not None
+        self._sends.append((released, task))
+        await released
+        return tx.Result(tx.Outcome.DELIVERED)
+
+    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
+        return tx.Receipt.UNANSWERED
+
+    async def close(self) -> None:
+        return None
+
+    def in_flight(self) -> int:
+        return sum(not released.done() for released, _ in self._sends)
+
+    async def finish(self, count: int, *, together: bool = False) -> None:
+        """Ends the ``count`` oldest sends and waits for their deliveries to end: one by
+        one, or ``together`` in the same turn of the event loop.
+
+        The dispatcher frees a send's slot in a callback its delivery task had before
+        this one waits for it, so the slot is free when this returns.
+        """
+        held = [(released, task) for released, task in self._sends if not released.done()]
+        ending = held[:count]
+        for released, task in ending:
+            released.set_result(None)
+            if not together:
+                await task
+        await asyncio.gather(*(task for _, task in ending))
+
+
 def store_subscriber_spec(name: str, *event_types: str) -> model.SubscriberSpec:
     """A gRPC subscriber nobody listens for (127.0.0.1:1), retried after a minute: for tests
     of the store alone, which never send."""

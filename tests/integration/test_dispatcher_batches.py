@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from typing import Any
 
 import pytest
 
 from common import signing
 from publisher import dispatcher as dispatcher_module
 from publisher import model
-from publisher import transport as tx
 from publisher.dispatcher import Dispatcher
 from publisher.slots import Grant
 from publisher.store import AttemptRecord, ClaimRound, Store
-from tests.support import eventually, store_subscriber_spec
+from tests.support import Held, eventually, store_subscriber_spec
 
 LIMIT = 4
 
@@ -35,45 +33,6 @@ def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     second after the last, would top the subscriber up on a slow run and shift the claims
     these tests count."""
     monkeypatch.setattr(dispatcher_module, "IDLE_POLL_SECONDS", 3600.0)
-
-
-class Held:
-    """A transport whose sends wait until ``finish`` lets them end, oldest first."""
-
-    def __init__(self) -> None:
-        self._sends: list[tuple[asyncio.Future[None], asyncio.Task[Any]]] = []
-
-    async def send(self, attempt: tx.Attempt) -> tx.Result:
-        released = asyncio.get_running_loop().create_future()
-        task = asyncio.current_task()
-        assert task is not None
-        self._sends.append((released, task))
-        await released
-        return tx.Result(tx.Outcome.DELIVERED)
-
-    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
-        return tx.Receipt.UNANSWERED
-
-    async def close(self) -> None:
-        return None
-
-    def in_flight(self) -> int:
-        return sum(not released.done() for released, _ in self._sends)
-
-    async def finish(self, count: int, *, together: bool = False) -> None:
-        """Ends the ``count`` oldest sends and waits for their deliveries to end: one by
-        one, or ``together`` in the same turn of the event loop.
-
-        The dispatcher frees a send's slot in a callback its delivery task had before
-        this one waits for it, so the slot is free when this returns.
-        """
-        held = [(released, task) for released, task in self._sends if not released.done()]
-        ending = held[:count]
-        for released, task in ending:
-            released.set_result(None)
-            if not together:
-                await task
-        await asyncio.gather(*(task for _, task in ending))
 
 
 async def test_a_subscriber_turned_away_by_a_claim_waits_for_half_its_sends(

@@ -13,10 +13,9 @@ import pytest
 
 from common import signing
 from publisher import collector, model
-from publisher import transport as tx
 from publisher.dispatcher import Dispatcher
 from publisher.store import AttemptRecord, ClaimRound, Store
-from tests.support import eventually, store_subscriber_spec
+from tests.support import Held, eventually, store_subscriber_spec
 
 SLOTS = 512
 # CPython's own young threshold, which the default case runs with whatever this process set.
@@ -62,30 +61,11 @@ class _NoStore:
         return 0
 
 
-class _Held:
-    """A transport whose sends wait until let go."""
-
-    def __init__(self) -> None:
-        self.started = 0
-        self.go = asyncio.Event()
-
-    async def send(self, attempt: tx.Attempt) -> tx.Result:
-        self.started += 1
-        await self.go.wait()
-        return tx.Result(tx.Outcome.DELIVERED)
-
-    async def status(self, attempt: tx.Attempt) -> tx.Receipt:
-        return tx.Receipt.UNANSWERED
-
-    async def close(self) -> None:
-        return None
-
-
 @pytest.mark.parametrize("settled", [True, False], ids=["settled", "default"])
 async def test_sends_filling_half_the_slots_set_off_no_young_collection_once_settled(
     restored_collector: None, settled: bool
 ) -> None:
-    held = _Held()
+    held = Held()
     dispatcher = Dispatcher(
         cast(Store, _NoStore()),
         {model.Protocol.GRPC: held},
@@ -139,13 +119,12 @@ async def test_sends_filling_half_the_slots_set_off_no_young_collection_once_set
         dispatcher.take(claims, grant)
 
         async def all_started() -> bool:
-            return held.started == len(claims)
+            return held.in_flight() == len(claims)
 
         await eventually(all_started, what="every send started")
     finally:
         gc.callbacks.remove(count)
-        held.go.set()
-        await dispatcher.stop(grace=5.0)
+        await dispatcher.stop(grace=0.0)
     if settled:
         assert young == 0
     else:
