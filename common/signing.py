@@ -18,13 +18,13 @@ import json
 import secrets
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import jwt
 
 from common import errors
+from common.records import record
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24
@@ -65,7 +65,7 @@ def body_sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeliveryClaims:
     """What a delivery token says about the request it rides on."""
 

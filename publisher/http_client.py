@@ -24,11 +24,12 @@ import re
 import select
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import cast
 
 import httptools
 import yarl
+
+from common.records import record
 
 # Addresses to connect to for (host, port), in order; the guard's resolve.
 Resolve = Callable[[str, int], Awaitable[list[str]]]
@@ -55,7 +56,7 @@ class Failed(Exception):
         self.sent = sent
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Response:
     status: int
     # Lower-case names; the first value of a repeated header.

@@ -1,13 +1,15 @@
 """The publisher's domain records: what the store takes and returns.
 
-Plain frozen dataclasses, free of protobuf and SQL, so that the servicer, the
-store and the dispatcher agree on one vocabulary.
+Records (see common.records: frozen to the type checker), free of protobuf and SQL,
+so that the servicer, the store and the dispatcher agree on one vocabulary.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from common.records import record
 
 
 class Protocol(enum.StrEnum):
@@ -35,7 +37,7 @@ class DeliveryState(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubscriberSpec:
     """What a caller may set on a subscriber."""
 
@@ -51,7 +53,7 @@ class SubscriberSpec:
     max_in_flight: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Subscriber:
     id: str
     spec: SubscriberSpec
@@ -74,7 +76,7 @@ class Subscriber:
         return (self.secret,)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NewEvent:
     type: str
     payload: bytes
@@ -82,14 +84,14 @@ class NewEvent:
     idempotency_key: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EmitResult:
     event_id: str
     delivery_count: int
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Event:
     id: str
     type: str
@@ -98,7 +100,7 @@ class Event:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AttemptLog:
     number: int
     started_at: float
@@ -108,7 +110,7 @@ class AttemptLog:
     error: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delivery:
     id: str
     event_id: str
@@ -122,14 +124,14 @@ class Delivery:
     log: tuple[AttemptLog, ...] = field(default=())
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeliveryFilter:
     event_id: str = ""
     subscriber_id: str = ""
     state: DeliveryState | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Claim:
     """A delivery this process holds a lease on, with everything needed to send it."""
 
@@ -143,7 +145,7 @@ class Claim:
     subscriber: Subscriber
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeadLetter:
     """A delivery whose retries ran out, as a person is told about it."""
 

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common import db, errors
 from common.group_commit import GroupCommit
+from common.records import record
 from publisher import matching, model, statements
 from publisher.ids import new_id
 from publisher.schema import attempts, deliveries, events, subscribers
@@ -89,7 +90,7 @@ def sweeper_of(owner: str) -> str:
     return SWEEP_PREFIX + owner
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AttemptRecord:
     """The outcome of one attempt and what it makes of its delivery."""
 
@@ -619,7 +620,7 @@ class Store:
         now = self._now()
         healthy, failing = _health(batch)
 
-        disabling = any(record.disable_reason for record in batch)
+        disabling = any(outcome.disable_reason for outcome in batch)
 
         def write(conn: Connection) -> None:
             if disabling:
@@ -631,9 +632,9 @@ class Store:
                 # replica committing meanwhile would get the attempt logged and SETTLE then
                 # fenced off. Locked first (in id order in every batch), both statements
                 # see the row as the last committed writer left it.
-                ids = sorted({record.delivery_id for record in batch})
+                ids = sorted({outcome.delivery_id for outcome in batch})
                 conn.execute(statements.LOCK_DELIVERIES, {"b_ids": ids})
-                params = [_outcome_params(record, now) for record in batch]
+                params = [_outcome_params(outcome, now) for outcome in batch]
                 statements.LOG_ATTEMPT.execute(conn, params)
                 statements.SETTLE.execute(conn, params)
             else:
@@ -660,12 +661,12 @@ class Store:
             if failing:
                 rows = [{"b_id": id_, "b_now": now} for id_ in failing]
                 statements.SUBSCRIBER_FAILING.execute(conn, rows)
-            for record in batch:
-                if record.disable_reason:
-                    _disable(conn, record.subscriber_id, record.disable_reason, now)
+            for outcome in batch:
+                if outcome.disable_reason:
+                    _disable(conn, outcome.subscriber_id, outcome.disable_reason, now)
 
         await self._run(write, durable=False)
-        if any(record.new_state == model.DeliveryState.PENDING for record in batch):
+        if any(outcome.new_state == model.DeliveryState.PENDING for outcome in batch):
             self.on_new_work()
         return [None] * len(batch)
 
@@ -1346,19 +1347,19 @@ def _notice_window_open(now: float, window: float) -> sa.ColumnElement[bool]:
     )
 
 
-def _outcome_params(record: AttemptRecord, now: float) -> dict[str, Any]:
-    """LOG_ATTEMPT's and SETTLE's values for ``record``."""
+def _outcome_params(outcome: AttemptRecord, now: float) -> dict[str, Any]:
+    """LOG_ATTEMPT's and SETTLE's values for ``outcome``."""
     return {
-        "b_delivery_id": record.delivery_id,
-        "b_attempt": record.attempt,
-        "b_owner": record.owner,
-        "b_started_at": record.started_at,
-        "b_duration": record.duration,
-        "b_outcome": record.outcome,
-        "b_status_code": record.status_code,
-        "b_error": record.error,
-        "b_state": record.new_state.value,
-        "b_next": record.next_attempt_at,
+        "b_delivery_id": outcome.delivery_id,
+        "b_attempt": outcome.attempt,
+        "b_owner": outcome.owner,
+        "b_started_at": outcome.started_at,
+        "b_duration": outcome.duration,
+        "b_outcome": outcome.outcome,
+        "b_status_code": outcome.status_code,
+        "b_error": outcome.error,
+        "b_state": outcome.new_state.value,
+        "b_next": outcome.next_attempt_at,
         "b_now": now,
     }
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from common import signing
+from common.records import record
 
 Clock = Callable[[], float]
 
@@ -30,7 +30,7 @@ class Outcome(enum.Enum):
     CONFIRMED = "confirmed"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Attempt:
     """One attempt to deliver one event to one subscriber."""
 
@@ -54,7 +54,7 @@ class Attempt:
     status_url: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Result:
     outcome: Outcome
     # gRPC status code value or HTTP status; 0 when nothing answered.
