@@ -32,6 +32,10 @@ _NEVER_CONNECTED = (
 # its connection went: grpc may fail the call a moment before the channel leaves READY
 # (in 7 of 40 cut connections here, by 0.2-0.3 ms).
 _SETTLE_SECONDS = 0.1
+
+# Every delivered send's result, built once (records are immutable): building it and
+# reading StatusCode.OK.value through enum's property took 1.9 µs a send here.
+_DELIVERED = tx.Result(tx.Outcome.DELIVERED, status_code=grpc.StatusCode.OK.value[0])
 # The subscriber refused on purpose. Still retried, since a misconfigured
 # partner gets fixed, but the attempt log says what to fix.
 _REJECTED = {
@@ -141,7 +145,7 @@ class GrpcTransport:
             return classify(code, details, connection_lost=lost)
         finally:
             endpoint.in_flight -= 1
-        return tx.Result(tx.Outcome.DELIVERED, status_code=grpc.StatusCode.OK.value[0])
+        return _DELIVERED
 
     async def status(self, attempt: tx.Attempt) -> tx.Receipt:
         now = self._now()
