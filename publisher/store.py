@@ -73,12 +73,8 @@ RECORD_LINGER_SECONDS = 0.01
 # transactions of about 10 events per 3,000 events; lingering 3 ms, in 126 of about 24
 # (one run each). Lingering only while busy, the publisher's CPU per event fell from
 # 657-663 to 573-583 µs and the rate rose 19% and 17% (two interleaved pairs); 2, 3 and
-# 5 ms did alike then. On a day the machine ran at half that speed (30 November), emit
-# transactions cost 1.8 ms of CPU for about 10 events, and 6 ms beat 2 in three pairs
-# out of three (publisher CPU 1,273-1,297 -> 1,187-1,210 µs per event, rate +5-7%); 12 ms
-# did no better than 6. Under load it adds up to the linger to an Emit's answer: p99 at
-# half load went from 13.6-18.5 to 19.4-22.2 ms.
-EMIT_LINGER_SECONDS = 0.006
+# 5 ms did alike. Under load it adds up to the linger to an Emit's answer.
+EMIT_LINGER_SECONDS = 0.002
 # Transient conflicts (two replicas inserting one idempotency key) are retried this often.
 _EMIT_TRIES = 3
 # PostgreSQL channel that wakes other replicas when work becomes due (publisher.wakeup).
