@@ -12,20 +12,19 @@ from mypy import api as mypy_api
 
 from publisher import model
 from publisher import transport as tx
+from tests.support import make_attempt
 
 
-def _attempt(delivery_id: str = "dlv_1") -> tx.Attempt:
-    return tx.Attempt(
-        delivery_id=delivery_id, attempt=1, event_id="evt_1", event_type="order.paid",
-        payload=b"{}", content_type="application/json", created_at=0.0, subscriber_id="sub_1",
-        endpoint="127.0.0.1:1", body_format="raw", keys=(b"k" * 32,), issuer="test", timeout=1.0,
-    )  # fmt: skip
+def _attempt(delivery_id: str = "dlv-1") -> tx.Attempt:
+    return make_attempt(
+        "127.0.0.1:1", key=b"k" * 32, subscriber_id="sub-1", payload=b"{}", delivery_id=delivery_id
+    )
 
 
 def test_records_compare_and_hash_by_their_fields_as_frozen_dataclasses_do() -> None:
     assert _attempt() == _attempt()
-    assert len({_attempt(), _attempt(), _attempt("dlv_2")}) == 2
-    assert dataclasses.replace(_attempt(), delivery_id="dlv_2") == _attempt("dlv_2")
+    assert len({_attempt(), _attempt(), _attempt("dlv-2")}) == 2
+    assert dataclasses.replace(_attempt(), delivery_id="dlv-2") == _attempt("dlv-2")
     assert not hasattr(_attempt(), "__dict__")
 
 
