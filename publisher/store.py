@@ -73,7 +73,9 @@ RECORD_LINGER_SECONDS = 0.01
 # transactions of about 10 events per 3,000 events; lingering 3 ms, in 126 of about 24
 # (one run each). Lingering only while busy, the publisher's CPU per event fell from
 # 657-663 to 573-583 µs and the rate rose 19% and 17% (two interleaved pairs); 2, 3 and
-# 5 ms did alike. Under load it adds up to the linger to an Emit's answer.
+# 5 ms did alike. Under load it adds up to the linger to an Emit's answer: 6 ms, tried on
+# a day the machine ran at half speed, won 5-7% in e2e_grpc_unary but took the p99 at half
+# load over 30 ms in 3 of 9 runs (74 ms in one), against at most 19.8 in 15 runs at 2 ms.
 EMIT_LINGER_SECONDS = 0.002
 # Transient conflicts (two replicas inserting one idempotency key) are retried this often.
 _EMIT_TRIES = 3
