@@ -14,7 +14,7 @@ from common import db, grpc_server, log
 from common.gen.webhooks.v1 import publisher_pb2, publisher_pb2_grpc
 from publisher import collector, mailer, migrate, model, ssrf, transport_worker
 from publisher import worker_wire as wire
-from publisher.dispatcher import Dispatcher
+from publisher.dispatcher import EMBEDDED_DEPTH, Dispatcher
 from publisher.notifier import Notifier
 from publisher.periodic import Periodic
 from publisher.retention import Retention
@@ -124,8 +124,11 @@ class PublisherApp:
             max_in_flight=settings.max_in_flight,
             max_in_flight_per_subscriber=settings.per_subscriber_in_flight,
             claim_batch=settings.claim_batch,
+            # The only publisher on an SQLite file leases ahead; replicas share the work.
+            depth=EMBEDDED_DEPTH if path is not None else 1,
         )
         store.on_new_work = dispatcher.wake
+        store.on_subscriber_changed = dispatcher.forget
         if path is not None:
             # The only publisher on this file: new deliveries can be leased to it at once.
             store.taker = dispatcher

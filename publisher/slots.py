@@ -1,4 +1,5 @@
-"""Send slots: how many deliveries may be in flight, overall and to any one subscriber.
+"""Send slots: how many deliveries may be in flight, overall and to any one subscriber,
+and how many each may hold leased.
 
 A subscriber that holds its calls open until the delivery timeout keeps each
 slot it has for that long. With one shared pool, enough of its deliveries
@@ -7,8 +8,12 @@ them. So each subscriber may hold at most ``per_subscriber`` slots of this
 process, and the rest stay free for the others. A subscriber may ask for fewer
 (its own ``max_in_flight``, for an endpoint that cannot take many at once).
 
+What is counted here are leases: ``depth`` of them per slot, one sending and the
+rest waiting in the dispatcher for that slot (the embedded mode leases that far
+ahead; see publisher.dispatcher). With a depth of 1, a lease is a send.
+
 A subscriber that reached its limit, or that a claim turned away for want of
-room, counts as full until half of its sends have finished: only then does the
+room, counts as full until half of its leases have ended: only then does the
 dispatcher claim for it, as a claim for one freed slot would be a transaction
 for one row. Meanwhile claims look for the others' deliveries past its backlog,
 and top it up to its limit only from the oldest due ones they read anyway.
@@ -21,6 +26,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+
+# A delivery whose payload is larger than this is leased only into a slot of its own, not
+# ahead of one: what waits holds at most (depth - 1) * slots * 16 KiB of payloads, 56 MiB
+# at the embedded mode's defaults (depth 8, 512 slots), where the payload limit is 1 MiB.
+AHEAD_MAX_BYTES = 16 * 1024
 
 
 def limit_for(per_subscriber: int | None, own_limit: int) -> int | None:
@@ -38,12 +48,16 @@ class Grant:
         total: int,
         *,
         per_subscriber: int | None = None,
+        depth: int = 1,
         busy: Mapping[str, int] | None = None,
         full: frozenset[str] = frozenset(),
     ) -> None:
         self.total = total
-        # None: no limit per subscriber (a claim made outside any dispatcher).
+        # Leases per subscriber (its slots times ``depth``); None: no limit (a claim made
+        # outside any dispatcher).
         self.per_subscriber = per_subscriber
+        # A subscriber's own limit counts slots too: it may hold this many leases per slot.
+        self.depth = depth
         self._busy = dict(busy or {})
         # Subscribers a claim does not look for past the oldest due deliveries, where it
         # may still top them up to their limit: asking for their backlog by subscriber
@@ -56,12 +70,14 @@ class Grant:
     def unlimited(cls, total: int) -> Grant:
         return cls(total)
 
-    def take(self, subscriber_id: str, own_limit: int = 0) -> bool:
-        """Whether one more delivery to ``subscriber_id`` (whose own limit is ``own_limit``,
-        0 for none) fits; counts it if it does."""
+    def take(self, subscriber_id: str, own_limit: int = 0, size: int = 0) -> bool:
+        """Whether one more delivery to ``subscriber_id`` (whose own limit is ``own_limit``
+        slots, 0 for none; whose payload is ``size`` bytes) fits; counts it if it does."""
         if self.taken >= self.total:
             return False
-        limit = limit_for(self.per_subscriber, own_limit)
+        limit = limit_for(self.per_subscriber, own_limit * self.depth)
+        if limit is not None and size > AHEAD_MAX_BYTES:
+            limit //= self.depth
         if limit is not None:
             busy = self._busy.get(subscriber_id, 0) + self._taken_by[subscriber_id]
             if busy >= limit:
@@ -77,27 +93,31 @@ class Grant:
 
 
 class Slots:
-    """The dispatcher's count of sends in flight, per subscriber, and of slots held for grants."""
+    """The dispatcher's count of leases, per subscriber, and of leases held for grants."""
 
-    def __init__(self, total: int, per_subscriber: int) -> None:
-        if total < 1 or per_subscriber < 1:
-            raise ValueError("slots: total and per_subscriber must be at least 1")
+    def __init__(self, total: int, per_subscriber: int, depth: int = 1) -> None:
+        if total < 1 or per_subscriber < 1 or depth < 1:
+            raise ValueError("slots: total, per_subscriber and depth must be at least 1")
+        # Sends in flight, in all and to one subscriber.
         self.total = total
         self.per_subscriber = min(per_subscriber, total)
+        self.depth = depth
+        # Leases in all.
+        self.capacity = total * depth
         self._busy: Counter[str] = Counter()
-        # The limit of each busy subscriber, as its sends started with.
+        # The lease limit of each busy subscriber, as its first lease found it.
         self._limits: dict[str, int] = {}
-        self._in_flight = 0
+        self._leased = 0
         self._reserved = 0
         self._full: set[str] = set()
 
     @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def leased(self) -> int:
+        return self._leased
 
     def free(self) -> int:
-        """Slots neither sending nor held for a grant."""
-        return self.total - self._in_flight - self._reserved
+        """Leases neither held nor reserved for a grant."""
+        return self.capacity - self._leased - self._reserved
 
     def busy(self, subscriber_id: str) -> int:
         return self._busy[subscriber_id]
@@ -106,26 +126,28 @@ class Slots:
         return subscriber_id in self._full
 
     def grant(self, wanted: int) -> Grant:
-        """Holds up to ``wanted`` free slots for one transaction; ``settle`` gives them back."""
+        """Holds up to ``wanted`` free leases for one transaction; ``settle`` gives them back."""
         granted = max(0, min(wanted, self.free()))
         self._reserved += granted
         return Grant(
             granted,
-            per_subscriber=self.per_subscriber,
+            per_subscriber=self.per_subscriber * self.depth,
+            depth=self.depth,
             busy=self._busy,
             full=frozenset(self._full),
         )
 
     def settle(self, grant: Grant) -> None:
-        """Gives back the slots ``grant`` held; the sends it leased are ``acquire``d."""
+        """Gives back the leases ``grant`` held; those it leased are ``acquire``d."""
         self._reserved -= grant.total
 
     def acquire(self, subscriber_id: str, own_limit: int = 0) -> None:
-        """A send to ``subscriber_id`` (whose own limit is ``own_limit``, 0 for none) starts."""
-        limit = limit_for(self.per_subscriber, own_limit) or self.per_subscriber
+        """A delivery to ``subscriber_id`` (whose own limit is ``own_limit`` slots, 0 for
+        none) is leased to the dispatcher."""
+        limit = (limit_for(self.per_subscriber, own_limit) or self.per_subscriber) * self.depth
         self._limits[subscriber_id] = limit
         self._busy[subscriber_id] += 1
-        self._in_flight += 1
+        self._leased += 1
         if self._busy[subscriber_id] >= limit:
             self._full.add(subscriber_id)
 
@@ -144,8 +166,9 @@ class Slots:
             self._full.add(subscriber_id)
 
     def release(self, subscriber_id: str) -> bool:
-        """A send to ``subscriber_id`` finished; True if that made the subscriber not full."""
-        self._in_flight -= 1
+        """A lease of ``subscriber_id``'s ended (its send finished, or it was given back);
+        True if that made the subscriber not full."""
+        self._leased -= 1
         left = self._busy[subscriber_id] - 1
         limit = self._limits[subscriber_id]
         if left:

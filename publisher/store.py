@@ -169,6 +169,9 @@ class Store:
         )
         # Called after every commit that may have made deliveries due.
         self.on_new_work: Callable[[], None] = lambda: None
+        # Called with a subscriber's id after every commit that changed, disabled or
+        # deleted it: deliveries leased for it before then were leased with what it was.
+        self.on_subscriber_changed: Callable[[str], None] = lambda _: None
         # Embedded mode only: new deliveries are leased in the emit's own transaction and
         # handed over, which saves the claim round trip between an Emit and its send.
         self.taker: Taker | None = None
@@ -339,6 +342,7 @@ class Store:
             return updated, reactivated
 
         updated, reactivated = await self._run(work)
+        self.on_subscriber_changed(subscriber_id)
         if reactivated:
             self.on_new_work()
         return updated
@@ -363,7 +367,9 @@ class Store:
             )
             return _load_subscriber(conn, subscriber_id)
 
-        return await self._run(work)
+        rotated = await self._run(work)
+        self.on_subscriber_changed(subscriber_id)
+        return rotated
 
     async def delete_subscriber(self, subscriber_id: str) -> None:
         def work(conn: Connection) -> None:
@@ -374,6 +380,7 @@ class Store:
             conn.execute(subscribers.delete().where(subscribers.c.id == subscriber_id))
 
         await self._run(work)
+        self.on_subscriber_changed(subscriber_id)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -448,7 +455,7 @@ class Store:
                 if (
                     active
                     and self.taker is not None
-                    and grant.take(subscriber.id, subscriber.spec.max_in_flight)
+                    and grant.take(subscriber.id, subscriber.spec.max_in_flight, len(event.payload))
                 ):
                     claims.append(_lease_new(row, event, subscriber, self.taker, now))
                 delivery_rows.append(row)
@@ -668,9 +675,49 @@ class Store:
                     _disable(conn, outcome.subscriber_id, outcome.disable_reason, now)
 
         await self._run(write, durable=False)
+        for outcome in batch:
+            if outcome.disable_reason:
+                self.on_subscriber_changed(outcome.subscriber_id)
         if any(outcome.new_state == model.DeliveryState.PENDING for outcome in batch):
             self.on_new_work()
         return [None] * len(batch)
+
+    async def give_back(self, owner: str, unsent: Sequence[model.Claim]) -> None:
+        """Hands back leases of ``owner``'s that were never attempted, due at once, and
+        takes back the attempt each lease counted.
+
+        The dispatcher's waiting deliveries at a stop: their next claim is their
+        attempt, not the one after it, so a stop costs no delivery a step of its
+        retry schedule. A lease that is no longer ``owner``'s, or no longer at that
+        attempt, is left alone.
+        """
+        if not unsent:
+            return
+        now = self._now()
+        give_back = (
+            deliveries.update()
+            .where(
+                deliveries.c.id == sa.bindparam("b_id"),
+                deliveries.c.attempts == sa.bindparam("b_attempt"),
+                deliveries.c.lease_owner == owner,
+                # Held: its subscriber was paused meanwhile. (Not IN: executemany.)
+                sa.or_(*(deliveries.c.state == state for state in _UNSETTLED)),
+            )
+            .values(
+                attempts=deliveries.c.attempts - 1,
+                round_attempts=deliveries.c.round_attempts - 1,
+                # The lease started the round if it was the round's first attempt.
+                round_started_at=sa.case(
+                    (deliveries.c.round_attempts == 1, None),
+                    else_=deliveries.c.round_started_at,
+                ),
+                lease_owner=None,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        rows = [{"b_id": claim.delivery_id, "b_attempt": claim.attempt} for claim in unsent]
+        await self._run(lambda conn: conn.execute(give_back, rows))
 
     async def release(self, owner: str) -> int:
         """Hands back ``owner``'s leases (and its sweeper's) so that they are due at once
@@ -942,7 +989,10 @@ class Store:
                     disabled.append(_load_subscriber(conn, row.id))
             return disabled
 
-        return await self._run(work)
+        disabled = await self._run(work)
+        for subscriber in disabled:
+            self.on_subscriber_changed(subscriber.id)
+        return disabled
 
     async def disable_notices_due(self) -> list[model.Subscriber]:
         """Disabled subscribers nobody has told, or is telling; ``take_disable_notice`` first."""
@@ -1219,6 +1269,9 @@ def _lease_due(
     return claims, frozenset(turned_away)
 
 
+# The states of a delivery still owed: due or waiting for a retry, or held while its
+# subscriber is not active.
+_UNSETTLED = (model.DeliveryState.PENDING.value, model.DeliveryState.HELD.value)
 # The states a delivery ends in; an event whose deliveries are all in them is owed nothing.
 _SETTLED = (model.DeliveryState.DELIVERED.value, model.DeliveryState.FAILED.value)
 
@@ -1306,7 +1359,8 @@ def _take(
     for row in rows:
         if grant.taken >= grant.total:
             return
-        if grant.take(row[5], row[6]):
+        # The subscriber's id and own limit, and the payload (statements.DUE_WITH_EVENTS).
+        if grant.take(row[5], row[6], len(row[9])):
             taken.append(row)
             continue
         turned_away.add(row[5])

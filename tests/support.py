@@ -303,6 +303,10 @@ class Held:
     def in_flight(self) -> int:
         return sum(not released.done() for released, _ in self._sends)
 
+    def started(self) -> int:
+        """Sends begun so far, ended or not."""
+        return len(self._sends)
+
     async def finish(self, count: int, *, together: bool = False) -> None:
         """Ends the ``count`` oldest sends and waits for their deliveries to end: one by
         one, or ``together`` in the same turn of the event loop.

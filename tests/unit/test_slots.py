@@ -1,4 +1,4 @@
-"""Send slots per subscriber: the limit, the hysteresis of full, and grants."""
+"""Send slots per subscriber: the limit, the hysteresis of full, grants, and leasing ahead."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from publisher.slots import Grant, Slots, limit_for
+from publisher.slots import AHEAD_MAX_BYTES, Grant, Slots, limit_for
 
 
 def test_a_subscriber_is_full_at_its_limit_until_half_of_its_sends_finish() -> None:
@@ -98,10 +98,40 @@ def test_the_limit_never_exceeds_the_total_and_is_at_least_one() -> None:
         Slots(total=2, per_subscriber=0)
 
 
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), max_size=200))
-def test_claims_never_put_a_subscriber_over_its_limit(steps: list[tuple[str, bool]]) -> None:
-    """Whatever sends start (through claim grants) and finish, none exceeds the limits."""
-    slots = Slots(total=6, per_subscriber=3)
+def test_depth_leases_that_many_per_slot_and_scales_a_subscribers_own_limit() -> None:
+    slots = Slots(total=4, per_subscriber=2, depth=3)
+    assert slots.capacity == 12
+    grant = slots.grant(20)
+    assert grant.total == 12
+    assert [grant.take("a") for _ in range(7)] == [True] * 6 + [False]  # 2 slots, 3 each.
+    assert [grant.take("b", 1) for _ in range(4)] == [True] * 3 + [False]  # Its own 1 slot.
+    slots.settle(grant)
+    for _ in range(6):
+        slots.acquire("a")
+    assert slots.is_full("a")
+    assert slots.leased == 6
+    assert slots.free() == 6
+
+
+def test_a_large_payload_is_leased_only_into_a_slot_of_its_own() -> None:
+    slots = Slots(total=4, per_subscriber=2, depth=3)
+    slots.acquire("a")
+    grant = slots.grant(10)
+    large = AHEAD_MAX_BYTES + 1
+    assert grant.take("a", 0, large)  # Two leases: within its two slots.
+    assert not grant.take("a", 0, large)  # A third would wait for a slot, holding its payload.
+    assert grant.take("a", 0, AHEAD_MAX_BYTES)  # A small one may wait.
+
+
+@given(
+    st.integers(min_value=1, max_value=3),
+    st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), max_size=200),
+)
+def test_claims_never_put_a_subscriber_over_its_limit(
+    depth: int, steps: list[tuple[str, bool]]
+) -> None:
+    """Whatever is leased (through claim grants) and ends, none exceeds the limits."""
+    slots = Slots(total=6, per_subscriber=3, depth=depth)
     for subscriber, start in steps:
         if start:
             grant = slots.grant(1)
@@ -111,6 +141,6 @@ def test_claims_never_put_a_subscriber_over_its_limit(steps: list[tuple[str, boo
                 slots.acquire(subscriber)
         elif slots.busy(subscriber):
             slots.release(subscriber)
-        assert slots.busy(subscriber) <= 3
-        assert 0 <= slots.in_flight <= 6
-        assert slots.free() == 6 - slots.in_flight
+        assert slots.busy(subscriber) <= 3 * depth
+        assert 0 <= slots.leased <= 6 * depth
+        assert slots.free() == 6 * depth - slots.leased
