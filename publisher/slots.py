@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-# A delivery whose payload is larger than this is leased only into a slot of its own, not
-# ahead of one: what waits holds at most (depth - 1) * slots * 16 KiB of payloads, 56 MiB
-# at the embedded mode's defaults (depth 8, 512 slots), where the payload limit is 1 MiB.
+# A delivery whose payload is larger than this is leased only into a free slot, its
+# subscriber's and one of the total, not ahead: what waits beyond the slots holds at most
+# (depth - 1) * slots * 16 KiB of payloads, 56 MiB at the embedded mode's defaults (depth
+# 8, 512 slots), and larger payloads take at most one lease per slot, as with no depth.
 AHEAD_MAX_BYTES = 16 * 1024
 
 
@@ -49,10 +50,13 @@ class Grant:
         *,
         per_subscriber: int | None = None,
         depth: int = 1,
+        send_room: int | None = None,
         busy: Mapping[str, int] | None = None,
         full: frozenset[str] = frozenset(),
     ) -> None:
         self.total = total
+        # Slots of the total not leased when the grant was made (None: no such limit).
+        self.send_room = send_room
         # Leases per subscriber (its slots times ``depth``); None: no limit (a claim made
         # outside any dispatcher).
         self.per_subscriber = per_subscriber
@@ -76,8 +80,11 @@ class Grant:
         if self.taken >= self.total:
             return False
         limit = limit_for(self.per_subscriber, own_limit * self.depth)
-        if limit is not None and size > AHEAD_MAX_BYTES:
-            limit //= self.depth
+        if size > AHEAD_MAX_BYTES:
+            if self.send_room is not None and self.taken >= self.send_room:
+                return False
+            if limit is not None:
+                limit //= self.depth
         if limit is not None:
             busy = self._busy.get(subscriber_id, 0) + self._taken_by[subscriber_id]
             if busy >= limit:
@@ -128,11 +135,13 @@ class Slots:
     def grant(self, wanted: int) -> Grant:
         """Holds up to ``wanted`` free leases for one transaction; ``settle`` gives them back."""
         granted = max(0, min(wanted, self.free()))
+        send_room = max(0, self.total - self._leased - self._reserved)
         self._reserved += granted
         return Grant(
             granted,
             per_subscriber=self.per_subscriber * self.depth,
             depth=self.depth,
+            send_room=send_room,
             busy=self._busy,
             full=frozenset(self._full),
         )

@@ -123,6 +123,15 @@ def test_a_large_payload_is_leased_only_into_a_slot_of_its_own() -> None:
     assert grant.take("a", 0, AHEAD_MAX_BYTES)  # A small one may wait.
 
 
+def test_a_large_payload_is_not_leased_while_every_slot_of_the_total_is() -> None:
+    slots = Slots(total=4, per_subscriber=4, depth=3)
+    for _ in range(4):
+        slots.acquire("a")
+    grant = slots.grant(10)
+    assert not grant.take("b", 0, AHEAD_MAX_BYTES + 1)  # It would wait, for anyone's slot.
+    assert grant.take("b", 0, AHEAD_MAX_BYTES)
+
+
 @given(
     st.integers(min_value=1, max_value=3),
     st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), max_size=200),
