@@ -82,9 +82,7 @@ async def test_an_emit_leases_ahead_to_a_dispatcher_that_takes_from_it(
 async def test_a_stop_gives_back_what_waited_with_the_attempt_its_lease_counted(
     store: Store, subscriber: model.Subscriber, held: Held
 ) -> None:
-    await _emit(store, 10)
-    dispatcher = _started(store, held)
-    await eventually(lambda: _leased_and_sending(store, held, 10, LIMIT))
+    dispatcher = await _ten_leased(store, held)
     await dispatcher.stop(grace=0.0)
     rows = await _rows(store)
     assert all(row.lease_owner is None for row in rows)
@@ -96,11 +94,8 @@ async def test_a_stop_gives_back_what_waited_with_the_attempt_its_lease_counted(
 async def test_a_paused_subscriber_gets_nothing_more_and_what_waited_goes_back(
     store: Store, subscriber: model.Subscriber, held: Held
 ) -> None:
-    await _emit(store, 10)
-    dispatcher = _started(store, held)
-    store.on_subscriber_changed = dispatcher.forget
+    dispatcher = await _ten_leased(store, held)
     try:
-        await eventually(lambda: _leased_and_sending(store, held, 10, LIMIT))
         await store.update_subscriber(
             subscriber.id, subscriber.spec, model.SubscriberState.PAUSED, "paused by a test"
         )
@@ -120,11 +115,8 @@ async def test_a_paused_subscriber_gets_nothing_more_and_what_waited_goes_back(
 async def test_nothing_that_waited_is_sent_to_a_deleted_subscriber(
     store: Store, subscriber: model.Subscriber, held: Held
 ) -> None:
-    await _emit(store, 10)
-    dispatcher = _started(store, held)
-    store.on_subscriber_changed = dispatcher.forget
+    dispatcher = await _ten_leased(store, held)
     try:
-        await eventually(lambda: _leased_and_sending(store, held, 10, LIMIT))
         await store.delete_subscriber(subscriber.id)
         await held.finish(LIMIT)
         # A round trip to the database: the slots the ended sends freed were handed out
@@ -133,6 +125,20 @@ async def test_nothing_that_waited_is_sent_to_a_deleted_subscriber(
         assert held.started() == LIMIT
     finally:
         await dispatcher.stop(grace=0.0)
+
+
+async def _ten_leased(store: Store, held: Held) -> Dispatcher:
+    """A started dispatcher told of changes to subscribers, with ten deliveries leased to
+    it: four sending, six waiting."""
+    await _emit(store, 10)
+    dispatcher = _started(store, held)
+    store.on_subscriber_changed = dispatcher.forget
+    try:
+        await eventually(lambda: _leased_and_sending(store, held, 10, LIMIT))
+    except BaseException:
+        await dispatcher.stop(grace=0.0)
+        raise
+    return dispatcher
 
 
 async def _emit(store: Store, count: int) -> None:
