@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from common import log, signing
 from publisher import model, retry
 from publisher import transport as tx
-from publisher.slots import Grant, Slots, limit_for
+from publisher.slots import Grant, Slots
 from publisher.store import AttemptRecord, Store, sweeper_of
 
 logger = logging.getLogger("publisher.dispatcher")
@@ -281,7 +281,7 @@ class Dispatcher:
         if waiting is not None:
             waiting.append(claim)
             return
-        limit = limit_for(self._slots.per_subscriber, own) or self._slots.per_subscriber
+        limit = self._slots.send_limit(own)
         if self._sending < self._slots.total and self._sending_to[subscriber_id] < limit:
             self._send(claim)
         else:

@@ -126,6 +126,10 @@ class Slots:
         """Leases neither held nor reserved for a grant."""
         return self.capacity - self._leased - self._reserved
 
+    def send_limit(self, own_limit: int = 0) -> int:
+        """Sends in flight a subscriber may have, whose own limit is ``own_limit`` (0: none)."""
+        return limit_for(self.per_subscriber, own_limit) or self.per_subscriber
+
     def busy(self, subscriber_id: str) -> int:
         return self._busy[subscriber_id]
 
@@ -153,7 +157,7 @@ class Slots:
     def acquire(self, subscriber_id: str, own_limit: int = 0) -> None:
         """A delivery to ``subscriber_id`` (whose own limit is ``own_limit`` slots, 0 for
         none) is leased to the dispatcher."""
-        limit = (limit_for(self.per_subscriber, own_limit) or self.per_subscriber) * self.depth
+        limit = self.send_limit(own_limit) * self.depth
         self._limits[subscriber_id] = limit
         self._busy[subscriber_id] += 1
         self._leased += 1

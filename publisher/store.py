@@ -727,7 +727,7 @@ class Store:
             deliveries.update()
             .where(
                 deliveries.c.lease_owner.in_([owner, sweeper_of(owner)]),
-                deliveries.c.state.in_([model.DeliveryState.PENDING.value, "held"]),
+                deliveries.c.state.in_(_UNSETTLED),
             )
             .values(lease_owner=None, next_attempt_at=_due_again(now), updated_at=now)
         )
@@ -1499,7 +1499,7 @@ def deliveries_listed(
 
 def _stored_states(state: model.DeliveryState) -> list[str]:
     if state == model.DeliveryState.PENDING:
-        return [model.DeliveryState.PENDING.value, model.DeliveryState.HELD.value]
+        return list(_UNSETTLED)
     return [state.value]
 
 
